@@ -1,0 +1,32 @@
+# The two commands of the README: `make demo` and `make test`. Each creates .venv if missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test setup clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch first, pinned: an unpinned torch would pull several GB of CUDA wheels on a CPU machine.
+$(STAMP): $(PY) pyproject.toml
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/diffusion-lm fit --config configs/demo.yaml
+	$(VENV)/bin/diffusion-lm generate --model runs/demo/last.ckpt --preset quality \
+		--prompt "Hello, how are you?" --prompt "What is your favorite book?" \
+		--prompt "Привет! Как дела?" --prompt "Что ты любишь есть?"
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) runs lightning_logs .pytest_cache

@@ -1,0 +1,129 @@
+"""The chat template: the ONE code path that turns role-tagged turns into token ids.
+
+Training, sampling, export and evaluation all call :class:`ChatTemplate`, so the prompt the sampler
+builds for a conversation is token-for-token the prefix used in training (dLLM tokenised the prompt
+separately and assumed it was a prefix; its benchmark path added [CLS]/[SEP] training never saw).
+
+Layout (ids are built per segment, never by re-tokenising a rendered string)::
+
+    [BOS] <header(user)> <user text> [EOS] <header(assistant)> <answer text> [EOS] [PAD] ...
+    '--------------------- prompt (never noised) ---------------------'  '-- answer + filler --'
+
+``BOS`` is the tokenizer's [CLS] (or its BOS token); ``EOS`` ends every turn and is the explicit
+end-of-answer token: the tokenizer's EOS token if it has one distinct from PAD, else [SEP]. It is
+never PAD (dLLM aliased EOS to PAD for ModernBERT and the model learned to fill with it).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from ..errors import ConfigError
+from .conversation import Turn
+
+__all__ = ["ChatTemplate", "DEFAULT_ROLE_HEADERS", "special_ids"]
+
+DEFAULT_ROLE_HEADERS = {"system": "System:", "user": "User:", "assistant": "Assistant:"}
+
+
+def special_ids(tokenizer) -> dict[str, int | None]:
+    """The ids the framework needs: mask, pad, eos (end of answer/turn) and bos (or None).
+
+    Raises a ValueError naming the missing token and the fix when the tokenizer has no mask or pad
+    token (the backbone loader adds them for families that lack one, e.g. T5).
+    """
+    name = getattr(tokenizer, "name_or_path", "the tokenizer")
+    if tokenizer.mask_token_id is None:
+        raise ConfigError(
+            f"{name} has no mask token. Load the backbone through diffusion_lm.backbone.load_backbone "
+            "(it adds [MASK] and resizes the embeddings) or add one with tokenizer.add_special_tokens({'mask_token': '[MASK]'})."
+        )
+    pad = tokenizer.pad_token_id
+    eos = tokenizer.eos_token_id
+    if eos is None or eos == pad:
+        eos = tokenizer.sep_token_id
+    if eos is None:
+        raise ConfigError(
+            f"{name} has neither an EOS nor a SEP token distinct from PAD; add one, e.g. "
+            "tokenizer.add_special_tokens({'eos_token': '</s>'})."
+        )
+    if pad is None:
+        raise ConfigError(f"{name} has no pad token; add one, e.g. tokenizer.add_special_tokens({{'pad_token': '[PAD]'}}).")
+    if eos == pad:
+        raise ConfigError(f"{name}: the end-of-answer token equals the pad token ({pad}); give the tokenizer a distinct EOS.")
+    bos = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+    return {"mask": tokenizer.mask_token_id, "pad": pad, "eos": eos, "bos": bos}
+
+
+class ChatTemplate:
+    """Builds prompt and answer ids from turns for one tokenizer.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer with mask and pad tokens.
+        role_headers: text put before each turn's content, per role (plain text, so every tokenizer
+            family works without new tokens).
+        add_bos: start the sequence with [CLS]/BOS, as the encoder saw in pretraining.
+    """
+
+    def __init__(self, tokenizer, role_headers: dict[str, str] | None = None, add_bos: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.role_headers = dict(DEFAULT_ROLE_HEADERS, **(role_headers or {}))
+        self.add_bos = add_bos
+        ids = special_ids(tokenizer)
+        self.mask_id: int = ids["mask"]
+        self.pad_id: int = ids["pad"]
+        self.eos_id: int = ids["eos"]
+        self.bos_id: int | None = ids["bos"] if add_bos else None
+        self._header_ids = {role: self.encode_text(h) if h else [] for role, h in self.role_headers.items()}
+
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of plain text, with no special tokens."""
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def header_ids(self, role: str) -> list[int]:
+        """Ids of the role header (e.g. ``Assistant:``)."""
+        return self._header_ids[role]
+
+    def turn_ids(self, turn: Turn) -> list[int]:
+        """A complete context turn: header, content, end-of-turn token."""
+        return self._header_ids[turn.role] + self.encode_text(turn.content) + [self.eos_id]
+
+    def context_ids(self, turns: Sequence[Turn]) -> list[int]:
+        """BOS plus every turn of ``turns`` in full."""
+        ids = [self.bos_id] if self.bos_id is not None else []
+        for turn in turns:
+            ids.extend(self.turn_ids(turn))
+        return ids
+
+    def prompt_ids(self, turns: Sequence[Turn]) -> list[int]:
+        """The prompt for the next assistant answer: context plus the assistant header."""
+        return self.context_ids(turns) + self._header_ids["assistant"]
+
+    def answer_ids(self, content: str) -> list[int]:
+        """The answer segment that is noised in training: content plus the end-of-answer token."""
+        return self.encode_text(content) + [self.eos_id]
+
+    def example(self, turns: Sequence[Turn], answer_index: int) -> tuple[list[int], list[int]]:
+        """(prompt ids, answer ids) for training on the assistant turn ``turns[answer_index]``."""
+        if turns[answer_index].role != "assistant":
+            raise ValueError(f"turn {answer_index} is a {turns[answer_index].role!r} turn, not an assistant answer")
+        return self.prompt_ids(turns[:answer_index]), self.answer_ids(turns[answer_index].content)
+
+    def decode_answer(self, ids: Sequence[int]) -> str:
+        """Text of generated answer ids (cut at the first end-of-answer token)."""
+        ids = list(ids)
+        if self.eos_id in ids:
+            ids = ids[: ids.index(self.eos_id)]
+        return self.tokenizer.decode([i for i in ids if i not in (self.pad_id, self.mask_id)], skip_special_tokens=True).strip()
+
+    def to_config(self) -> dict:
+        """What export writes to ``diffusion_config.json`` to rebuild this template."""
+        return {
+            "role_headers": self.role_headers,
+            "add_bos": self.add_bos,
+            "bos_id": self.bos_id,
+            "eos_id": self.eos_id,
+            "pad_id": self.pad_id,
+            "mask_id": self.mask_id,
+            "layout": "[BOS] (header content [EOS])* header(assistant) answer [EOS] [PAD]*",
+        }

@@ -1,0 +1,77 @@
+"""Metrics: the NELBO / perplexity bound in float64 (torchmetrics, distributed-synced), per language."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Iterable
+
+import torch
+from torchmetrics import Metric
+
+__all__ = ["NelboMetric", "LanguageNelbo"]
+
+
+class NelboMetric(Metric):
+    """NELBO per answer token and its perplexity bound ``exp(NELBO / tokens)``.
+
+    Sums are kept in float64: a bf16/fp32 running sum over a large validation set drifts.
+    """
+
+    full_state_update = False
+    higher_is_better = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("nelbo", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("tokens", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, seq_nelbo: torch.Tensor, seq_tokens: torch.Tensor) -> None:
+        self.nelbo += seq_nelbo.to(torch.float64).sum()
+        self.tokens += seq_tokens.to(torch.float64).sum()
+
+    def compute(self) -> torch.Tensor:
+        """NELBO per token (NaN when no token was seen)."""
+        if float(self.tokens) == 0:
+            return torch.tensor(float("nan"), dtype=torch.float64)
+        return self.nelbo / self.tokens
+
+    def perplexity(self) -> torch.Tensor:
+        """Upper bound on the per-token perplexity."""
+        return torch.exp(self.compute())
+
+
+class LanguageNelbo(torch.nn.Module):
+    """One :class:`NelboMetric` overall and one per language (fixed set, so every rank syncs the same states)."""
+
+    def __init__(self, languages: Iterable[str]) -> None:
+        super().__init__()
+        self.languages = sorted(set(languages))
+        self.overall = NelboMetric()
+        self.per_language = torch.nn.ModuleDict({lang: NelboMetric() for lang in self.languages})
+
+    def update(self, seq_nelbo: torch.Tensor, seq_tokens: torch.Tensor, languages: list[str]) -> None:
+        self.overall.update(seq_nelbo, seq_tokens)
+        for lang in self.languages:
+            idx = [i for i, lg in enumerate(languages) if lg == lang]
+            if idx:
+                sel = torch.tensor(idx, device=seq_nelbo.device)
+                self.per_language[lang].update(seq_nelbo[sel], seq_tokens[sel])
+
+    def compute(self, prefix: str) -> dict[str, float]:
+        """``{prefix/nelbo, prefix/ppl_bound, prefix/nelbo_<lang>, prefix/ppl_bound_<lang>}``."""
+        out = {}
+        for name, metric in [("", self.overall)] + [(f"_{k}", v) for k, v in self.per_language.items()]:
+            with warnings.catch_warnings():  # a language absent from this split was never updated
+                warnings.filterwarnings("ignore", message=".*before the ``update`` method.*")
+                value = float(metric.compute())  # every rank calls compute: it is a collective
+            if math.isnan(value):
+                continue
+            out[f"{prefix}/nelbo{name}"] = value
+            out[f"{prefix}/ppl_bound{name}"] = math.exp(min(value, 50.0))
+        return out
+
+    def reset(self) -> None:
+        self.overall.reset()
+        for metric in self.per_language.values():
+            metric.reset()

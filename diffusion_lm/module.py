@@ -1,0 +1,310 @@
+"""MaskedDiffusionLM: the LightningModule that fine-tunes an encoder as a masked-diffusion LM."""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from typing import Any, Literal, Optional, Sequence, Union
+
+import lightning.pytorch as pl
+import torch
+
+from .backbone import Backbone, ScratchBackbone, load_backbone
+from .data.conversation import Conversation, Turn
+from .data.template import ChatTemplate
+from .metrics import LanguageNelbo
+from .objective import masked_diffusion_nelbo
+from .schedules import LogLinearSchedule, NoiseSchedule, stratified_times
+
+__all__ = ["MaskedDiffusionLM", "load_model"]
+
+log = logging.getLogger(__name__)
+
+_BATCH_TENSORS = ("input_ids", "attention_mask", "loss_mask", "loss_weight", "metric_mask")
+
+
+def _seed(*parts: int) -> int:
+    """A stable 63-bit seed from integers (Python's hash() is salted per process for str)."""
+    return zlib.crc32(",".join(str(p) for p in parts).encode())
+
+
+class MaskedDiffusionLM(pl.LightningModule):
+    """Masked-diffusion fine-tuning of a BERT-like encoder (MDLM objective, SUBS parameterisation).
+
+    Only assistant answers (``loss_mask``) are noised; the prompt stays intact. Each optimizer step
+    normalises the loss by the answer-token weight of the *global* batch (all ranks, all
+    micro-batches), so N ranks give the same gradient as one process with the whole batch.
+
+    Args:
+        backbone: hub id, local folder, or a :class:`ScratchBackbone` config.
+        schedule: noise schedule (default log-linear, ``alpha(t) = 1 - t``); any ``NoiseSchedule``
+            subclass by class path.
+        learning_rate / weight_decay / betas: AdamW (no decay on biases and norms).
+        warmup_steps: linear warm-up steps; ``lr_schedule`` then decays (cosine to
+            ``min_lr_ratio * learning_rate``, linear to 0) or stays constant.
+        micro_batch_size: split each batch into chunks of this size for backward (gradient
+            accumulation with exact global normalisation); default: the whole batch at once.
+        gradient_clip_val: max gradient norm (None disables); applied inside the step because the
+            step is manual (FSDP clips through its own module method, lightning#19235).
+        gradient_checkpointing: trade compute for memory in the encoder.
+        time_eps: times are drawn in ``[time_eps, 1]`` (the 1/t weight explodes near 0).
+        seed / val_seed: training noise seed (per rank streams) and the fixed validation noise seed.
+        attn_implementation: ``sdpa`` (default), ``flash_attention_2`` or ``eager``.
+        role_headers: chat template role headers (default ``User:`` / ``Assistant:`` / ``System:``).
+        canvas_length: default generation canvas (answer slots) for sampling.
+    """
+
+    def __init__(
+        self,
+        backbone: Union[str, ScratchBackbone],
+        schedule: Optional[NoiseSchedule] = None,
+        learning_rate: float = 1e-4,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.98),
+        warmup_steps: int = 100,
+        lr_schedule: Literal["cosine", "linear", "constant"] = "cosine",
+        min_lr_ratio: float = 0.1,
+        micro_batch_size: Optional[int] = None,
+        gradient_clip_val: Optional[float] = 1.0,
+        gradient_checkpointing: bool = False,
+        time_eps: float = 1e-3,
+        seed: int = 0,
+        val_seed: int = 1234,
+        attn_implementation: Optional[str] = "sdpa",
+        role_headers: Optional[dict[str, str]] = None,
+        canvas_length: int = 64,
+    ) -> None:
+        super().__init__()
+        if schedule is not None and not isinstance(schedule, NoiseSchedule):
+            raise TypeError(
+                f"model.schedule must be a diffusion_lm.schedules.NoiseSchedule subclass instance, got {type(schedule).__name__}"
+            )
+        if not 0 < time_eps < 1:
+            raise ValueError(f"model.time_eps must be in (0, 1), got {time_eps}")
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.schedule = schedule or LogLinearSchedule()
+        model, tokenizer = load_backbone(backbone, attn_implementation=attn_implementation)
+        self.tokenizer = tokenizer
+        self.template = ChatTemplate(tokenizer, role_headers=role_headers)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.net = Backbone(model, self.template.mask_id)
+        self.val_metrics = LanguageNelbo(["en", "ru"])
+        self.test_metrics = LanguageNelbo(["en", "ru"])
+
+    # ----------------------------------------------------------------- basics
+    @property
+    def mask_id(self) -> int:
+        return self.template.mask_id
+
+    def denoise(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """Float32 logits at ``query`` positions (the denoiser contract of the objective and sampler)."""
+        return self.net(input_ids, attention_mask, query)
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        languages = {s.language for s in getattr(datamodule, "sources", [])} | {"en", "ru"}
+        self.val_metrics = LanguageNelbo(languages)
+        self.test_metrics = LanguageNelbo(languages)
+
+    # ------------------------------------------------------------- training
+    def _nelbo(self, batch: dict, t: torch.Tensor, generator: torch.Generator, normalizer=None):
+        # Trim trailing batch padding: micro-batches of short rows run on short tensors.
+        width = int(batch["attention_mask"].sum(dim=1).max())
+        b = {k: batch[k][:, :width] for k in _BATCH_TENSORS}
+        return masked_diffusion_nelbo(
+            self.denoise,
+            b["input_ids"],
+            b["attention_mask"],
+            b["loss_mask"],
+            t,
+            self.schedule,
+            self.mask_id,
+            loss_weight=b["loss_weight"],
+            metric_mask=b["metric_mask"],
+            normalizer=normalizer,
+            generator=generator,
+        )
+
+    def _step_noise(self, batch_size: int) -> tuple[torch.Tensor, torch.Generator]:
+        """Times stratified over the global batch (same stream on every rank) and a per-rank mask RNG."""
+        world, rank, step = self.trainer.world_size, self.global_rank, self.global_step
+        t_gen = torch.Generator().manual_seed(_seed(self.hparams.seed, step))
+        t = stratified_times(
+            batch_size * world,
+            rank_offset=rank * batch_size,
+            local_batch_size=batch_size,
+            eps=self.hparams.time_eps,
+            generator=t_gen,
+            device=self.device,
+        )
+        mask_gen = torch.Generator(device=self.device).manual_seed(_seed(self.hparams.seed, step, rank, 1))
+        return t, mask_gen
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        opt = self.optimizers()
+        scheduler = self.lr_schedulers()
+        n = batch["input_ids"].shape[0]
+        t, mask_gen = self._step_noise(n)
+        local_weight = (batch["loss_weight"] * batch["loss_mask"]).sum().detach().float()
+        global_weight = self.trainer.strategy.reduce(local_weight.clone(), reduce_op="sum")
+        # DDP averages gradients over ranks; scale so the result is sum(all ranks) / global weight.
+        normalizer = global_weight / self.trainer.world_size
+        micro = self.hparams.micro_batch_size or n
+        opt.zero_grad(set_to_none=True)
+        weighted, masked = torch.zeros((), device=self.device), 0
+        for start in range(0, n, micro):
+            chunk = {k: batch[k][start : start + micro] for k in _BATCH_TENSORS}
+            out = self._nelbo(chunk, t[start : start + micro], mask_gen, normalizer)
+            self.manual_backward(out.loss)
+            weighted += out.weighted_sum
+            masked += out.num_masked
+        self._clip(opt)
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+        loss = self.trainer.strategy.reduce(weighted, reduce_op="sum") / global_weight.clamp_min(1e-8)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=n)
+        self.log("train/masked_tokens", float(masked), on_step=True, on_epoch=False, batch_size=n)
+        self.log("train/lr", opt.param_groups[0]["lr"], on_step=True, on_epoch=False, batch_size=n)
+        return loss
+
+    def _clip(self, opt) -> None:
+        value = self.hparams.gradient_clip_val
+        if not value:
+            return
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            # Lightning's precision hook refuses norm clipping under FSDP (lightning#19235).
+            self.trainer.model.clip_grad_norm_(value)
+        else:
+            self.clip_gradients(opt, gradient_clip_val=value, gradient_clip_algorithm="norm")
+
+    # ------------------------------------------------------------ validation
+    def _eval_step(self, batch: dict, batch_idx: int, metrics: LanguageNelbo) -> None:
+        # Fixed-seed noise: the same t and masks for the same batch at every validation.
+        n = batch["input_ids"].shape[0]
+        t_gen = torch.Generator().manual_seed(_seed(self.hparams.val_seed, batch_idx, self.global_rank))
+        t = stratified_times(n, eps=self.hparams.time_eps, generator=t_gen, device=self.device)
+        mask_gen = torch.Generator(device=self.device).manual_seed(_seed(self.hparams.val_seed, batch_idx, self.global_rank, 1))
+        out = self._nelbo(batch, t, mask_gen)
+        metrics.update(out.seq_nelbo, out.seq_tokens, batch["language"])
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, self.val_metrics)
+
+    def on_validation_epoch_end(self) -> None:
+        values = self.val_metrics.compute("val")
+        self.val_metrics.reset()
+        for key, value in values.items():
+            self.log(key, value, prog_bar=key == "val/nelbo", sync_dist=False, rank_zero_only=False)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, self.test_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        values = self.test_metrics.compute("test")
+        self.test_metrics.reset()
+        for key, value in values.items():
+            self.log(key, value)
+
+    # ------------------------------------------------------------ generation
+    def prompt_ids(self, prompt: Union[str, Conversation, Sequence[Turn]]) -> list[int]:
+        """Prompt ids for a user message, a conversation or its turns (the training template)."""
+        if isinstance(prompt, str):
+            turns: Sequence[Turn] = [Turn("user", prompt)]
+        elif isinstance(prompt, Conversation):
+            turns = prompt.turns
+        else:
+            turns = prompt
+        return self.template.prompt_ids(turns)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[Union[str, Conversation, Sequence[Turn]]],
+        sampler: Any = None,
+        canvas_length: Optional[int] = None,
+        seed: Optional[int] = 0,
+        return_trajectory: bool = False,
+    ):
+        """Answer each prompt; returns the sampler's result with decoded ``texts`` attached."""
+        from .sampling import generate as sample
+
+        was_training = self.training
+        self.eval()
+        try:
+            result = sample(
+                self.denoise,
+                [self.prompt_ids(p) for p in prompts],
+                mask_id=self.template.mask_id,
+                eos_id=self.template.eos_id,
+                pad_id=self.template.pad_id,
+                canvas_length=canvas_length or self.hparams.canvas_length,
+                sampler=sampler,
+                seed=seed,
+                return_trajectory=return_trajectory,
+                max_length=self.max_length,
+            )
+        finally:
+            self.train(was_training)
+        result.texts = [self.template.decode_answer(ids) for ids in result.ids]
+        return result
+
+    @property
+    def max_length(self) -> int:
+        """Longest sequence the backbone accepts."""
+        return int(getattr(self.net.model.config, "max_position_embeddings", 512))
+
+    def predict_step(self, batch: list[Conversation], batch_idx: int) -> list[dict]:
+        result = self.generate(batch)
+        return [
+            {"prompt": c.turns[-1].content, "language": c.language, "answer": text}
+            for c, text in zip(batch, result.texts)
+        ]
+
+    # ------------------------------------------------------------ optimizer
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+        hp = self.hparams
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.learning_rate,
+            betas=tuple(hp.betas),
+        )
+        from transformers import (
+            get_constant_schedule_with_warmup,
+            get_cosine_with_min_lr_schedule_with_warmup,
+            get_linear_schedule_with_warmup,
+        )
+
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = min(hp.warmup_steps, total)
+        if hp.lr_schedule == "cosine":
+            sched = get_cosine_with_min_lr_schedule_with_warmup(opt, warmup, total, min_lr_rate=hp.min_lr_ratio)
+        elif hp.lr_schedule == "linear":
+            sched = get_linear_schedule_with_warmup(opt, warmup, total)
+        else:
+            sched = get_constant_schedule_with_warmup(opt, warmup)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def load_model(path: str, map_location: str | torch.device = "cpu") -> MaskedDiffusionLM:
+    """Load a model for inference from a Lightning checkpoint (``.ckpt``)."""
+    import os
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--model {path!r}: no such checkpoint file or export folder")
+    if os.path.isdir(path):
+        from .export import load_exported
+
+        return load_exported(path, map_location=map_location)
+    model = MaskedDiffusionLM.load_from_checkpoint(path, map_location=map_location)
+    model.eval()
+    return model

@@ -1,0 +1,141 @@
+"""The forward masking process and the masked-diffusion NELBO (MDLM / SUBS, continuous time).
+
+Plain torch, no Lightning. The model is any *denoiser*::
+
+    denoiser(input_ids[B, L], attention_mask[B, L], query[B, L] bool) -> logits[N, V] (float32)
+
+returning logits only at the ``query`` positions (row-major order), with the [MASK] column at -inf.
+Computing the LM head only at masked positions is what keeps a 256k vocabulary affordable
+(PITFALLS: dLLM and MDLM materialise full-vocabulary logits at every position).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from .schedules import NoiseSchedule
+
+__all__ = ["Denoiser", "NelboOutput", "apply_noise", "masked_diffusion_nelbo"]
+
+
+class Denoiser(Protocol):
+    """Callable returning float32 logits at the query positions (see module docstring)."""
+
+    def __call__(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query: torch.Tensor
+    ) -> torch.Tensor: ...
+
+
+@dataclass
+class NelboOutput:
+    """Result of :func:`masked_diffusion_nelbo`.
+
+    Attributes:
+        loss: ``sum(w(t) * nll * loss_weight) / normalizer``; the quantity to backpropagate.
+        seq_nelbo: per-sequence Monte-Carlo NELBO (float64) over the ``metric_mask`` positions.
+        seq_tokens: per-sequence number of ``metric_mask`` positions (float64).
+        weighted_sum: the numerator of ``loss`` (detached), for logging.
+        num_masked: number of positions that were masked (and scored) in this call.
+    """
+
+    loss: torch.Tensor
+    seq_nelbo: torch.Tensor
+    seq_tokens: torch.Tensor
+    weighted_sum: torch.Tensor
+    num_masked: int
+
+
+def apply_noise(
+    input_ids: torch.Tensor,
+    loss_mask: torch.Tensor,
+    mask_probability: torch.Tensor,
+    mask_id: int,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward process: each ``loss_mask`` token independently becomes [MASK] w.p. ``mask_probability``.
+
+    ``mask_probability`` has one entry per row. Tokens outside ``loss_mask`` (the user prompt, batch
+    padding) are never masked. Returns ``(noised_ids, masked)``.
+    """
+    u = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
+    masked = (u < mask_probability.to(u.dtype).unsqueeze(1)) & loss_mask.bool()
+    return torch.where(masked, torch.full_like(input_ids, mask_id), input_ids), masked
+
+
+def masked_diffusion_nelbo(
+    denoiser: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    loss_mask: torch.Tensor,
+    t: torch.Tensor,
+    schedule: NoiseSchedule,
+    mask_id: int,
+    *,
+    loss_weight: torch.Tensor | None = None,
+    metric_mask: torch.Tensor | None = None,
+    normalizer: torch.Tensor | float | None = None,
+    generator: torch.Generator | None = None,
+) -> NelboOutput:
+    """Monte-Carlo estimate of the masked-diffusion NELBO for one batch.
+
+    Args:
+        denoiser: the model (see module docstring).
+        input_ids: clean token ids ``[B, L]``.
+        attention_mask: 1 for real tokens, 0 for batch padding.
+        loss_mask: positions that are noised (the assistant answer, its end token and filler).
+        t: one time per row, in ``(0, 1]``.
+        schedule: the noise schedule.
+        mask_id: the [MASK] token id.
+        loss_weight: per-position weight of the loss (e.g. a lower weight for pad filler).
+            Defaults to 1 on ``loss_mask``.
+        metric_mask: positions counted in ``seq_nelbo``/``seq_tokens`` (default: ``loss_weight > 0``).
+        normalizer: what the weighted sum is divided by. Pass the *global* weight total (all ranks,
+            all micro-batches of the optimizer step) so gradients do not depend on how tokens fall
+            across ranks (PITFALLS: per-device normalisation in dLLM). Defaults to this batch's total.
+        generator: RNG for the masks (use a per-rank stream).
+    """
+    loss_mask = loss_mask.bool()
+    if loss_weight is None:
+        loss_weight = loss_mask.float()
+    else:
+        loss_weight = loss_weight.float() * loss_mask
+    if metric_mask is None:
+        metric_mask = loss_weight > 0
+    metric_mask = metric_mask.bool() & loss_mask
+    noised, masked = apply_noise(input_ids, loss_mask, schedule.mask_probability(t), mask_id, generator)
+
+    query = masked
+    if not bool(masked.any()):
+        # Nothing masked: still run the head on one position with zero weight, so every parameter
+        # takes part in backward (DDP/ZeRO stalled on such steps in dLLM's old code).
+        query = torch.zeros_like(masked)
+        query.view(-1)[int(loss_mask.view(-1).float().argmax())] = True
+
+    logits = denoiser(noised, attention_mask, query).float()
+    rows, cols = query.nonzero(as_tuple=True)
+    nll = F.cross_entropy(logits, input_ids[rows, cols], reduction="none")
+    live = masked[rows, cols].float()  # 0 for the placeholder position of an empty step
+    w = schedule.weight(t.float())[rows] * live
+    contrib = w * nll
+    weighted = contrib * loss_weight[rows, cols]
+    weighted_sum = weighted.sum()
+    if normalizer is None:
+        normalizer = loss_weight.sum()
+    normalizer = torch.as_tensor(normalizer, dtype=weighted_sum.dtype, device=weighted_sum.device)
+    loss = weighted_sum / normalizer.clamp_min(1e-8)
+
+    in_metric = metric_mask[rows, cols].to(torch.float64)
+    seq_nelbo = torch.zeros(input_ids.shape[0], dtype=torch.float64, device=input_ids.device)
+    seq_nelbo.index_add_(0, rows, contrib.detach().to(torch.float64) * in_metric)
+    seq_tokens = metric_mask.sum(dim=1).to(torch.float64)
+    return NelboOutput(
+        loss=loss,
+        seq_nelbo=seq_nelbo,
+        seq_tokens=seq_tokens,
+        weighted_sum=weighted_sum.detach(),
+        num_masked=int(masked.sum()),
+    )

@@ -1,0 +1,132 @@
+"""Noise schedules of the absorbing-state (masking) diffusion process, and time samplers.
+
+A schedule is defined by ``alpha(t)``, the probability that a token is still clean at time ``t``
+(``alpha(0) = 1``, ``alpha(1) = 0``), and its derivative. Everything else is derived here once:
+
+* ``mask_probability(t) = 1 - alpha(t)``
+* ``weight(t) = -alpha'(t) / (1 - alpha(t))``, the continuous-time NELBO weight (MDLM, SUBS).
+
+Schedules are written directly in terms of alpha and alpha' (MDLM wrote the weight as
+``sigma'/expm1(sigma)`` and users got the sign wrong, mdlm#9). Subclass :class:`NoiseSchedule`
+and pass it by class path (``--model.schedule=my_pkg.MySchedule``) to use your own.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "NoiseSchedule",
+    "LogLinearSchedule",
+    "CosineSchedule",
+    "PolynomialSchedule",
+    "stratified_times",
+]
+
+
+class NoiseSchedule:
+    """Base class: implement :meth:`alpha` and :meth:`alpha_derivative` (tensors in, tensors out).
+
+    ``t`` is a float tensor of times in ``[0, 1]``. The base class derives the mask probability and
+    the ELBO weight. Override :meth:`mask_probability` too when ``1 - alpha(t)`` can be computed more
+    accurately in closed form (it is used in the weight's denominator).
+    """
+
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        """Probability that a token is still clean at time ``t``."""
+        raise NotImplementedError
+
+    def alpha_derivative(self, t: torch.Tensor) -> torch.Tensor:
+        """d alpha / d t (non-positive for a valid schedule)."""
+        raise NotImplementedError
+
+    def mask_probability(self, t: torch.Tensor) -> torch.Tensor:
+        """Probability ``1 - alpha(t)`` that a token is masked at time ``t``."""
+        return 1.0 - self.alpha(t)
+
+    def weight(self, t: torch.Tensor) -> torch.Tensor:
+        """Continuous-time NELBO weight ``-alpha'(t) / (1 - alpha(t))`` (positive for t > 0)."""
+        return -self.alpha_derivative(t) / self.mask_probability(t).clamp_min(torch.finfo(t.dtype).tiny)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({args})"
+
+    def to_config(self) -> dict:
+        """A jsonargparse-style ``{class_path, init_args}`` dict that rebuilds this schedule."""
+        cls = type(self)
+        return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(vars(self))}
+
+
+class LogLinearSchedule(NoiseSchedule):
+    """``alpha(t) = 1 - t``: the MDLM default. Weight ``1/t``; mask rate equals time."""
+
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return 1.0 - t
+
+    def alpha_derivative(self, t: torch.Tensor) -> torch.Tensor:
+        return -torch.ones_like(t)
+
+    def mask_probability(self, t: torch.Tensor) -> torch.Tensor:
+        return t.clone()
+
+
+class CosineSchedule(NoiseSchedule):
+    """``alpha(t) = cos(pi t / 2)``: masks slowly at first, fast near the end."""
+
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.cos(0.5 * math.pi * t)
+
+    def alpha_derivative(self, t: torch.Tensor) -> torch.Tensor:
+        return -0.5 * math.pi * torch.sin(0.5 * math.pi * t)
+
+    def mask_probability(self, t: torch.Tensor) -> torch.Tensor:
+        # 1 - cos(x) = 2 sin^2(x/2): no cancellation for small t.
+        return 2.0 * torch.sin(0.25 * math.pi * t) ** 2
+
+
+class PolynomialSchedule(NoiseSchedule):
+    """``alpha(t) = 1 - t**exponent``. ``exponent=1`` is log-linear; larger masks later."""
+
+    def __init__(self, exponent: float = 2.0) -> None:
+        if exponent <= 0:
+            raise ValueError(f"PolynomialSchedule: exponent must be > 0, got {exponent}")
+        self.exponent = float(exponent)
+
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return 1.0 - t**self.exponent
+
+    def alpha_derivative(self, t: torch.Tensor) -> torch.Tensor:
+        return -self.exponent * t ** (self.exponent - 1.0)
+
+    def mask_probability(self, t: torch.Tensor) -> torch.Tensor:
+        return t**self.exponent
+
+
+def stratified_times(
+    global_batch_size: int,
+    *,
+    rank_offset: int = 0,
+    local_batch_size: int | None = None,
+    eps: float = 1e-3,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Antithetic (stratified) times over the whole global batch, in ``[eps, 1]``.
+
+    One uniform offset ``u`` is shared by every rank (the ``generator`` must be seeded identically on
+    all ranks); sample ``i`` of the global batch gets ``(u + i) / G`` and the strata are shuffled so
+    that time does not correlate with position in a length-sorted batch. Each rank takes its slice
+    ``[rank_offset, rank_offset + local_batch_size)``. Sampling t in ``[eps, 1]`` keeps the ``1/t``
+    weight bounded (PITFALLS: w(t) explodes near 0).
+    """
+    if global_batch_size <= 0:
+        raise ValueError(f"global_batch_size must be > 0, got {global_batch_size}")
+    local = global_batch_size if local_batch_size is None else local_batch_size
+    u = torch.rand((), generator=generator, dtype=torch.float64)
+    order = torch.randperm(global_batch_size, generator=generator)
+    strata = (u + order.to(torch.float64)) / global_batch_size
+    t = eps + (1.0 - eps) * strata[rank_offset : rank_offset + local]
+    return t.to(device=device, dtype=torch.float32)
