@@ -162,24 +162,25 @@ def load_backbone(spec: BackboneSpec, attn_implementation: Optional[str] = "sdpa
 
 
 # --------------------------------------------------------------------------- head split
-def _modernbert_head(m: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda h: m.decoder(m.head(h))
+def _modernbert_head(m: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    return m.decoder(m.head(h))
 
 
-def _bert_head(m: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda h: m.cls(h)
+def _bert_head(m: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    return m.cls(h)
 
 
-def _roberta_head(m: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda h: m.lm_head(h)
+def _roberta_head(m: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    return m.lm_head(h)
 
 
-def _distilbert_head(m: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda h: m.vocab_projector(m.vocab_layer_norm(m.activation(m.vocab_transform(h))))
+def _distilbert_head(m: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    return m.vocab_projector(m.vocab_layer_norm(m.activation(m.vocab_transform(h))))
 
 
-# model_type -> function giving the LM head (hidden states -> logits) of a *ForMaskedLM model.
-HEADS: dict[str, Callable[[nn.Module], Callable[[torch.Tensor], torch.Tensor]]] = {
+# model_type -> LM head of a *ForMaskedLM model applied to hidden states. Module-level functions
+# (not closures) so the Backbone pickles for ddp_spawn.
+HEADS: dict[str, Callable[[nn.Module, torch.Tensor], torch.Tensor]] = {
     "modernbert": _modernbert_head,
     "bert": _bert_head,
     "roberta": _roberta_head,
@@ -203,8 +204,7 @@ class Backbone(nn.Module):
         self.model = model
         self.mask_id = mask_id
         model_type = getattr(model.config, "model_type", "")
-        head_fn = HEADS.get(model_type)
-        self._head = head_fn(model) if head_fn is not None else None
+        self._head = HEADS.get(model_type)
         if self._head is None:
             log.warning(
                 "no head split registered for model_type=%r: logits are computed at every position, then gathered",
@@ -221,7 +221,7 @@ class Backbone(nn.Module):
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head on selected hidden states ``[N, H]`` -> float32 logits ``[N, V]``, [MASK] at -inf."""
-        logits = self._head(hidden).float()
+        logits = self._head(self.model, hidden).float()
         logits[..., self.mask_id] = float("-inf")
         return logits
 

@@ -13,7 +13,7 @@ from .backbone import Backbone, ScratchBackbone, load_backbone
 from .data.conversation import Conversation, Turn
 from .data.template import ChatTemplate
 from .metrics import LanguageNelbo
-from .objective import masked_diffusion_nelbo
+from .objective import counter_uniform, masked_diffusion_nelbo
 from .schedules import LogLinearSchedule, NoiseSchedule, stratified_times
 
 __all__ = ["MaskedDiffusionLM", "load_model"]
@@ -109,10 +109,12 @@ class MaskedDiffusionLM(pl.LightningModule):
         self.test_metrics = LanguageNelbo(languages)
 
     # ------------------------------------------------------------- training
-    def _nelbo(self, batch: dict, t: torch.Tensor, generator: torch.Generator, normalizer=None):
+    def _nelbo(self, batch: dict, t: torch.Tensor, seed: int, step: int, rows: torch.Tensor, normalizer=None):
+        """NELBO of a (micro-)batch; ``rows`` are the global sample indices that key the mask noise."""
         # Trim trailing batch padding: micro-batches of short rows run on short tensors.
         width = int(batch["attention_mask"].sum(dim=1).max())
         b = {k: batch[k][:, :width] for k in _BATCH_TENSORS}
+        uniforms = counter_uniform(seed, step, rows.to(self.device), width)
         return masked_diffusion_nelbo(
             self.denoise,
             b["input_ids"],
@@ -124,14 +126,14 @@ class MaskedDiffusionLM(pl.LightningModule):
             loss_weight=b["loss_weight"],
             metric_mask=b["metric_mask"],
             normalizer=normalizer,
-            generator=generator,
+            uniforms=uniforms,
         )
 
-    def _step_noise(self, batch_size: int) -> tuple[torch.Tensor, torch.Generator]:
-        """Times stratified over the global batch (same stream on every rank) and a per-rank mask RNG."""
+    def _step_times(self, batch_size: int) -> torch.Tensor:
+        """Times stratified over the global batch; every rank draws the same stream and takes its slice."""
         world, rank, step = self.trainer.world_size, self.global_rank, self.global_step
         t_gen = torch.Generator().manual_seed(_seed(self.hparams.seed, step))
-        t = stratified_times(
+        return stratified_times(
             batch_size * world,
             rank_offset=rank * batch_size,
             local_batch_size=batch_size,
@@ -139,14 +141,13 @@ class MaskedDiffusionLM(pl.LightningModule):
             generator=t_gen,
             device=self.device,
         )
-        mask_gen = torch.Generator(device=self.device).manual_seed(_seed(self.hparams.seed, step, rank, 1))
-        return t, mask_gen
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         opt = self.optimizers()
         scheduler = self.lr_schedulers()
         n = batch["input_ids"].shape[0]
-        t, mask_gen = self._step_noise(n)
+        t = self._step_times(n)
+        first_row = self.global_rank * n  # global index of this rank's first sample
         local_weight = (batch["loss_weight"] * batch["loss_mask"]).sum().detach().float()
         global_weight = self.trainer.strategy.reduce(local_weight.clone(), reduce_op="sum")
         # DDP averages gradients over ranks; scale so the result is sum(all ranks) / global weight.
@@ -156,7 +157,8 @@ class MaskedDiffusionLM(pl.LightningModule):
         weighted, masked = torch.zeros((), device=self.device), 0
         for start in range(0, n, micro):
             chunk = {k: batch[k][start : start + micro] for k in _BATCH_TENSORS}
-            out = self._nelbo(chunk, t[start : start + micro], mask_gen, normalizer)
+            rows = torch.arange(first_row + start, first_row + start + chunk["input_ids"].shape[0])
+            out = self._nelbo(chunk, t[start : start + micro], self.hparams.seed, self.global_step, rows, normalizer)
             self.manual_backward(out.loss)
             weighted += out.weighted_sum
             masked += out.num_masked
@@ -188,8 +190,8 @@ class MaskedDiffusionLM(pl.LightningModule):
         n = batch["input_ids"].shape[0]
         t_gen = torch.Generator().manual_seed(_seed(self.hparams.val_seed, batch_idx, self.global_rank))
         t = stratified_times(n, eps=self.hparams.time_eps, generator=t_gen, device=self.device)
-        mask_gen = torch.Generator(device=self.device).manual_seed(_seed(self.hparams.val_seed, batch_idx, self.global_rank, 1))
-        out = self._nelbo(batch, t, mask_gen)
+        rows = torch.arange(n) + self.global_rank * n
+        out = self._nelbo(batch, t, self.hparams.val_seed, batch_idx, rows)
         metrics.update(out.seq_nelbo, out.seq_tokens, batch["language"])
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -19,7 +19,37 @@ import torch.nn.functional as F
 
 from .schedules import NoiseSchedule
 
-__all__ = ["Denoiser", "NelboOutput", "apply_noise", "masked_diffusion_nelbo"]
+__all__ = ["Denoiser", "NelboOutput", "apply_noise", "counter_uniform", "masked_diffusion_nelbo"]
+
+_M64 = (1 << 64) - 1
+
+
+def _signed(c: int) -> int:
+    """A 64-bit constant as a signed int64 (torch has no uint64 arithmetic)."""
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors (wrapping multiply; logical shifts emulated by masking)."""
+    x = x ^ ((x >> 30) & ((1 << 34) - 1))
+    x = x * _signed(0xBF58476D1CE4E5B9)
+    x = x ^ ((x >> 27) & ((1 << 37) - 1))
+    x = x * _signed(0x94D049BB133111EB)
+    return x ^ ((x >> 31) & ((1 << 33) - 1))
+
+
+def counter_uniform(seed: int, step: int, rows: torch.Tensor, length: int) -> torch.Tensor:
+    """Uniforms in [0, 1) that depend only on (seed, step, global row index, position).
+
+    A counter-based stream: the mask of a sample does not depend on which rank or micro-batch
+    it lands on, so N ranks (or N micro-batches) train exactly like one process with the whole
+    batch, and every rank still draws different masks (PITFALLS: identical seeds on every rank).
+    """
+    key = _mix64(torch.tensor(_signed((seed * 0x9E3779B97F4A7C15 + step) & _M64), dtype=torch.int64))
+    base = _mix64(key + rows.to(torch.int64)[:, None] * _signed(0xD1B54A32D192ED03))
+    pos = torch.arange(length, device=rows.device, dtype=torch.int64)[None, :]
+    bits = _mix64(base + pos * _signed(0x9E3779B97F4A7C15))
+    return ((bits >> 11) & ((1 << 53) - 1)).to(torch.float64).mul_(2.0**-53).to(torch.float32)
 
 
 class Denoiser(Protocol):
@@ -55,13 +85,15 @@ def apply_noise(
     mask_probability: torch.Tensor,
     mask_id: int,
     generator: torch.Generator | None = None,
+    uniforms: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward process: each ``loss_mask`` token independently becomes [MASK] w.p. ``mask_probability``.
 
     ``mask_probability`` has one entry per row. Tokens outside ``loss_mask`` (the user prompt, batch
-    padding) are never masked. Returns ``(noised_ids, masked)``.
+    padding) are never masked. The randomness comes from ``uniforms`` (e.g. :func:`counter_uniform`)
+    when given, else from ``generator``. Returns ``(noised_ids, masked)``.
     """
-    u = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
+    u = uniforms if uniforms is not None else torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
     masked = (u < mask_probability.to(u.dtype).unsqueeze(1)) & loss_mask.bool()
     return torch.where(masked, torch.full_like(input_ids, mask_id), input_ids), masked
 
@@ -79,6 +111,7 @@ def masked_diffusion_nelbo(
     metric_mask: torch.Tensor | None = None,
     normalizer: torch.Tensor | float | None = None,
     generator: torch.Generator | None = None,
+    uniforms: torch.Tensor | None = None,
 ) -> NelboOutput:
     """Monte-Carlo estimate of the masked-diffusion NELBO for one batch.
 
@@ -96,7 +129,8 @@ def masked_diffusion_nelbo(
         normalizer: what the weighted sum is divided by. Pass the *global* weight total (all ranks,
             all micro-batches of the optimizer step) so gradients do not depend on how tokens fall
             across ranks (PITFALLS: per-device normalisation in dLLM). Defaults to this batch's total.
-        generator: RNG for the masks (use a per-rank stream).
+        generator: RNG for the masks (use a per-rank stream), or
+        uniforms: precomputed uniforms ``[B, L]`` for the masks (see :func:`counter_uniform`).
     """
     loss_mask = loss_mask.bool()
     if loss_weight is None:
@@ -106,7 +140,7 @@ def masked_diffusion_nelbo(
     if metric_mask is None:
         metric_mask = loss_weight > 0
     metric_mask = metric_mask.bool() & loss_mask
-    noised, masked = apply_noise(input_ids, loss_mask, schedule.mask_probability(t), mask_id, generator)
+    noised, masked = apply_noise(input_ids, loss_mask, schedule.mask_probability(t), mask_id, generator, uniforms)
 
     query = masked
     if not bool(masked.any()):
