@@ -421,7 +421,16 @@ def _decode_chunk(
             if bool(dead.any()):  # every token banned at a slot: fall back to the model's own logits there
                 processed[dead] = raw[dead]
         proposals = config.proposer(processed, ctx)
-        scores = config.scorer(processed, proposals, ctx)
+        # Rank on the model's own (unprocessed, untempered) probabilities, with pad filler and EOS
+        # counted as one "the answer has ended" event: a content token proposed in the padded tail
+        # (where the model puts its mass on filler) then ranks last instead of being renormalised
+        # into a confident-looking junk token.
+        score_logits = raw
+        if eos_id != pad_id:
+            score_logits = raw.clone()
+            score_logits[:, eos_id] = torch.logaddexp(raw[:, eos_id], raw[:, pad_id])
+            score_logits[:, pad_id] = float("-inf")
+        scores = config.scorer(score_logits, proposals, ctx)
         prop_l, score_l, pos_l = proposals.tolist(), scores.tolist(), q_pos_cpu.tolist()
         prob_l = None
         if needs_confidence:

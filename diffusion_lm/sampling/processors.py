@@ -123,10 +123,14 @@ class EosPolicy(LogitsProcessor):
         frontier = torch.where(after, pos, torch.full_like(pos, w + 1)).min(dim=1).values
         has_eos = (committed & (ctx.ids == eos)).any(dim=1)
 
-        p_eos = (logits[:, eos] - logits.logsumexp(dim=-1)).exp()
+        end_logit = logits[:, eos]
+        if self.ban_pad and pad != eos:
+            # Filler and EOS both say "the answer has ended": where EOS is allowed it carries both masses.
+            end_logit = torch.logaddexp(end_logit, logits[:, pad])
+        p_eos = (end_logit - logits.logsumexp(dim=-1)).exp()
         allowed = (ctx.q_pos == frontier[ctx.q_rows]) | (p_eos >= self.eos_threshold)
         allowed &= ~has_eos[ctx.q_rows]
-        logits[:, eos] = torch.where(allowed, logits[:, eos], torch.full_like(p_eos, float("-inf")))
+        logits[:, eos] = torch.where(allowed, end_logit, torch.full_like(p_eos, float("-inf")))
         if self.ban_pad and pad != eos:
             logits[:, pad] = float("-inf")
         return logits
