@@ -1,27 +1,35 @@
 """Dialog data: sources, the chat template, canvas policy, batching and the DialogDataModule."""
 
 from .collate import CanvasPolicy, DiffusionCollator, LengthGroupedBatchSampler
-from .conversation import ROLES, BadRecord, Conversation, Turn
+from .conversation import ROLES, SKIP_REASONS, BadRecord, BadRecordError, Conversation, Turn
 from .datamodule import DEFAULT_VALIDATION_PROMPTS, DialogDataModule, SkipSummary, ValidationPrompt
-from .sources import ADAPTERS, DataSource, load_raw, to_conversation
+from .examples import ExampleBuilder
+from .mixing import apportion, mix_size
+from .sources import ADAPTERS, DATASET_PRESETS, DataSource, load_raw, to_conversation
 from .template import ChatTemplate, special_ids
 
 __all__ = [
     "ADAPTERS",
     "BadRecord",
+    "BadRecordError",
     "CanvasPolicy",
     "ChatTemplate",
     "Conversation",
+    "DATASET_PRESETS",
     "DEFAULT_VALIDATION_PROMPTS",
     "DataSource",
     "DialogDataModule",
     "DiffusionCollator",
+    "ExampleBuilder",
     "LengthGroupedBatchSampler",
     "ROLES",
+    "SKIP_REASONS",
     "SkipSummary",
     "Turn",
     "ValidationPrompt",
+    "apportion",
     "load_raw",
+    "mix_size",
     "special_ids",
     "to_conversation",
 ]

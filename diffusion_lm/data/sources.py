@@ -1,8 +1,9 @@
 """Data sources: where records come from and the adapters that turn them into :class:`Conversation`.
 
-Every source, hub dataset or local file, is read through ``datasets.load_dataset`` (so caching,
-streaming and parquet/JSON handling come from the library); a per-format adapter converts one raw
-record to a :class:`Conversation` or raises :class:`BadRecord` with a reason to count.
+Every source, hub dataset or local file/folder, is read through ``datasets.load_dataset`` (so
+caching, streaming and parquet/JSON handling come from the library; a local folder in a hub
+dataset's layout goes through exactly the call a hub id takes). A per-format adapter converts one
+raw record to a list of turns or raises :class:`BadRecord` with a reason to count.
 """
 
 from __future__ import annotations
@@ -15,7 +16,15 @@ from typing import Any, Callable, Iterator, Literal, Optional
 from ..errors import ConfigError
 from .conversation import BadRecord, Conversation, Turn
 
-__all__ = ["DataSource", "ADAPTERS", "to_conversation", "load_raw", "iter_chatterbot_texts", "chatterbot_records"]
+__all__ = [
+    "ADAPTERS",
+    "DATASET_PRESETS",
+    "DataSource",
+    "chatterbot_records",
+    "iter_chatterbot_texts",
+    "load_raw",
+    "to_conversation",
+]
 
 Format = Literal["messages", "sharegpt", "prompt_response", "chatterbot"]
 
@@ -27,12 +36,34 @@ DEFAULT_ROLE_MAP = {
     "prompter": "user",
     "assistant": "assistant",
     "gpt": "assistant",
-    "bot": "assistant",
+    "bot": "assistant",  # older GrandMaster-PRO-MAX revisions
     "model": "assistant",
 }
 
+# Defaults taken from the dataset cards; they fill the fields a source leaves unset.
+#   allenai/tulu-3-sft-mixture: columns id, messages (list of {role, content}), source; English.
+#   Vikhrmodels/GrandMaster-PRO-MAX: a `conversation` list of {role, content}; Russian (some English).
+DATASET_PRESETS: dict[str, dict[str, Any]] = {
+    "allenai/tulu-3-sft-mixture": {"format": "messages", "column": "messages", "language": "en"},
+    "Vikhrmodels/GrandMaster-PRO-MAX": {"format": "messages", "column": "conversation", "language": "ru"},
+}
+
+# Per-format defaults of (message-list column, role key, content key).
+_FORMAT_KEYS = {"messages": ("messages", "role", "content"), "sharegpt": ("conversations", "from", "value")}
+
 # chatterbot-corpus folder names for the ISO codes we use as `language`.
 CHATTERBOT_LANGUAGES = {"en": "english", "ru": "russian", "uk": "ukrainian", "de": "german", "fr": "french"}
+
+_LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def _infer_preset(path: str) -> Optional[str]:
+    """The preset whose hub id is ``path``, or whose dataset name is the folder's name (a local snapshot)."""
+    name = Path(path.rstrip("/")).name.lower()
+    for hub_id in DATASET_PRESETS:
+        if path.lower() == hub_id.lower() or name == hub_id.split("/")[1].lower():
+            return hub_id
+    return None
 
 
 @dataclass
@@ -41,32 +72,45 @@ class DataSource:
 
     Args:
         path: a hub dataset id (``allenai/tulu-3-sft-mixture``), a local file (``.jsonl``, ``.json``,
-            ``.parquet``, ``.csv``) or folder, or ``chatterbot`` for the chatterbot-corpus package.
+            ``.parquet``, ``.csv``), a local folder of such files (read like a hub dataset, splits
+            from file names), or ``chatterbot`` for the chatterbot-corpus package.
         format: record schema: ``messages`` (OpenAI list of role/content), ``sharegpt``
             (``conversations`` of from/value), ``prompt_response`` (two text columns), ``chatterbot``.
-        language: ISO code carried by every example (metrics are split by it).
-        weight: relative sampling weight in the mix.
+        language: ISO code carried by every example (metrics are split by it); default from the
+            preset, else ``en``.
+        weight: relative sampling weight in the mix (normalised over the sources).
         name: label in logs and metrics (default: derived from ``path``).
+        preset: a key of ``DATASET_PRESETS`` whose dataset-card defaults (column, language) fill the
+            unset fields; default: inferred from ``path`` (the hub id, or a folder with the
+            dataset's name such as ``data/GrandMaster-PRO-MAX``).
         subset: dataset configuration name for hub datasets.
         split: split to read.
-        column: column holding the message list (default ``messages`` / ``conversations``).
+        revision: hub revision (commit, tag or branch) to pin the data.
+        column: field holding the message list (default: preset, else ``messages`` /
+            ``conversations``).
         role_key / content_key: keys inside each message (default ``role``/``content``, ShareGPT
             ``from``/``value``).
-        role_map: extra role-name mappings, e.g. ``{"ai": "assistant"}``.
+        role_map: extra role-name mappings, e.g. ``{"ai": "assistant"}`` (case-insensitive).
         prompt_column / response_column / system_column: for ``prompt_response``.
+        system_prompt: a system message put before the dialogs of this source that have none
+            (sample with the same system message to match training).
+        json_field: for a ``.json`` file whose records sit under one key (``{"data": [...]}``).
         max_samples: cap on records read from this source (before the validation split).
-        val_size: held-out validation records (int) or fraction (float < 1).
-        streaming: stream a large hub dataset instead of downloading it whole.
-        categories: chatterbot categories to read (default: all of the language).
+        val_size: held-out validation records: a count (>= 1) or a fraction (< 1) of the records.
+            Streaming sources need a count (their length is unknown).
+        streaming: stream the records instead of downloading and caching them whole.
+        categories: chatterbot categories (file names) to read (default: all of the language).
     """
 
     path: str
     format: Format = "messages"
-    language: str = "en"
+    language: Optional[str] = None
     weight: float = 1.0
     name: Optional[str] = None
+    preset: Optional[str] = None
     subset: Optional[str] = None
     split: str = "train"
+    revision: Optional[str] = None
     column: Optional[str] = None
     role_key: Optional[str] = None
     content_key: Optional[str] = None
@@ -74,100 +118,126 @@ class DataSource:
     prompt_column: str = "prompt"
     response_column: str = "response"
     system_column: Optional[str] = None
+    system_prompt: Optional[str] = None
+    json_field: Optional[str] = None
     max_samples: Optional[int] = None
     val_size: float = 0.02
     streaming: bool = False
     categories: Optional[list[str]] = None
 
     def __post_init__(self) -> None:
+        where = f"data source {self.path!r}"
+        if self.path == "chatterbot" and not os.path.exists(self.path):
+            self.format = "chatterbot"
+        if self.format not in ADAPTERS:
+            raise ConfigError(f"{where}: unknown format {self.format!r}; use one of {sorted(ADAPTERS)}")
+        if self.preset is not None and self.preset not in DATASET_PRESETS:
+            raise ConfigError(f"{where}: unknown preset {self.preset!r}; known: {sorted(DATASET_PRESETS)}")
+        preset = DATASET_PRESETS.get(self.preset or _infer_preset(self.path) or "", {})
+        if preset and self.format == preset["format"]:
+            self.column = self.column or preset.get("column")
+        self.language = self.language or preset.get("language", "en")
         if self.weight <= 0:
-            raise ConfigError(f"data source {self.path!r}: weight must be > 0, got {self.weight}")
-        if self.val_size < 0:
-            raise ConfigError(f"data source {self.path!r}: val_size must be >= 0, got {self.val_size}")
+            raise ConfigError(f"{where}: weight must be > 0, got {self.weight}")
+        if self.val_size < 0 or (self.val_size >= 1 and self.val_size != int(self.val_size)):
+            raise ConfigError(f"{where}: val_size must be a count >= 0 or a fraction < 1, got {self.val_size}")
+        if self.streaming and 0 < self.val_size < 1:
+            raise ConfigError(
+                f"{where}: a streaming source has no known length, so val_size must be a record count "
+                f"(e.g. val_size: 500), not the fraction {self.val_size}"
+            )
+        if self.max_samples is not None and self.max_samples <= 0:
+            raise ConfigError(f"{where}: max_samples must be > 0, got {self.max_samples}")
 
     @property
     def label(self) -> str:
-        """Name used in logs and skip summaries."""
+        """Name used in logs, metrics and skip summaries."""
         if self.name:
             return self.name
         if self.format == "chatterbot":
             return f"chatterbot-{self.language}"
-        return Path(self.path).stem if os.path.exists(self.path) else self.path
+        return Path(self.path.rstrip("/")).stem if os.path.exists(self.path) else self.path
+
+    def keys(self) -> tuple[str, str, str]:
+        """(message-list column, role key, content key) for list formats."""
+        column, role, content = _FORMAT_KEYS.get(self.format, ("messages", "role", "content"))
+        return self.column or column, self.role_key or role, self.content_key or content
+
+    def num_val(self, num_records: int) -> int:
+        """Records held out for validation from a source of ``num_records`` (always leaves one to train)."""
+        n = int(self.val_size) if self.val_size >= 1 else int(round(self.val_size * num_records))
+        return max(0, min(n, num_records - 1))
 
 
-def _roles(source: DataSource) -> dict[str, str]:
+def _role_map(source: DataSource) -> dict[str, str]:
     return {**DEFAULT_ROLE_MAP, **{k.lower(): v for k, v in source.role_map.items()}}
 
 
-def _message_list(record: dict, source: DataSource, default_column: str, role_key: str, content_key: str) -> list[Turn]:
-    column = source.column or default_column
-    messages = record.get(column)
-    if messages is None:
+def _message_list(record: dict, source: DataSource) -> list[Turn]:
+    column, role_key, content_key = source.keys()
+    if column not in record:
         raise BadRecord("missing_column", f"no {column!r} field (set the source's `column`)")
+    messages = record[column]
+    if messages is None:
+        raise BadRecord("missing_column", f"{column!r} is null")
     if not isinstance(messages, (list, tuple)):
         raise BadRecord("malformed_messages", f"{column!r} is a {type(messages).__name__}, not a list")
-    role_map = _roles(source)
+    role_map = _role_map(source)
     turns = []
-    for m in messages:
-        if not isinstance(m, dict) or (source.role_key or role_key) not in m:
-            raise BadRecord("malformed_message", "a message without a role field")
-        raw_role = m[source.role_key or role_key]
-        role = role_map.get(str(raw_role).lower()) if raw_role is not None else None
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise BadRecord("malformed_messages", f"message {i} is a {type(m).__name__}, not an object")
+        raw_role = m.get(role_key)
+        if raw_role is None:
+            raise BadRecord("missing_role", f"message {i} has no {role_key!r}")
+        role = role_map.get(raw_role.lower()) if isinstance(raw_role, str) else None
         if role is None:
-            raise BadRecord("unknown_role", repr(raw_role))
-        content = m.get(source.content_key or content_key)
-        if not isinstance(content, str):
-            raise BadRecord("non_string_content", f"{role} content is {type(content).__name__}")
+            raise BadRecord("unknown_role", f"message {i} has role {raw_role!r} (map it with `role_map`)")
+        content = m.get(content_key)
+        if content is None:
+            raise BadRecord("missing_content", f"message {i} ({role}) has no {content_key!r}")
         turns.append(Turn(role, content))
     return turns
 
 
-def _messages(record: dict, source: DataSource) -> list[Turn]:
-    return _message_list(record, source, "messages", "role", "content")
-
-
-def _sharegpt(record: dict, source: DataSource) -> list[Turn]:
-    return _message_list(record, source, "conversations", "from", "value")
-
-
 def _prompt_response(record: dict, source: DataSource) -> list[Turn]:
     turns = []
-    if source.system_column and record.get(source.system_column):
+    if source.system_column and isinstance(record.get(source.system_column), str) and record[source.system_column].strip():
         turns.append(Turn("system", record[source.system_column]))
     for column, role in ((source.prompt_column, "user"), (source.response_column, "assistant")):
         if column not in record:
             raise BadRecord("missing_column", f"no {column!r} field")
-        if not isinstance(record[column], str):
-            raise BadRecord("non_string_content", f"{column!r} is {type(record[column]).__name__}")
+        if record[column] is None:
+            raise BadRecord("missing_content", f"{column!r} is null")
         turns.append(Turn(role, record[column]))
     return turns
 
 
 def _chatterbot(record: dict, source: DataSource) -> list[Turn]:
-    # chatterbot dialogs are alternating utterances; the first speaker is the user.
-    utterances = record["utterances"]
+    # chatterbot dialogs are alternating statements; the first speaker is taken as the user.
+    utterances = list(record["utterances"])
     if len(utterances) % 2:
-        utterances = utterances[:-1]  # a trailing user line has no answer
-    turns = []
-    for i, u in enumerate(utterances):
-        if not isinstance(u, str):
-            raise BadRecord("non_string_content", f"utterance {i} is {type(u).__name__}")
-        turns.append(Turn("user" if i % 2 == 0 else "assistant", u))
-    return turns
+        utterances = utterances[:-1]  # a trailing statement has no answer
+    return [Turn("user" if i % 2 == 0 else "assistant", u) for i, u in enumerate(utterances)]
 
 
 ADAPTERS: dict[str, Callable[[dict, DataSource], list[Turn]]] = {
-    "messages": _messages,
-    "sharegpt": _sharegpt,
+    "messages": _message_list,
+    "sharegpt": _message_list,
     "prompt_response": _prompt_response,
     "chatterbot": _chatterbot,
 }
 
 
-def to_conversation(record: dict, source: DataSource, index: int = -1) -> Conversation:
-    """Adapt one raw record; raises :class:`BadRecord` (with a countable reason) if unusable."""
+def to_conversation(record: dict, source: DataSource, index: int = -1, label: Optional[str] = None) -> Conversation:
+    """Adapt one raw record; raises :class:`BadRecord` (with a countable reason) if unusable.
+
+    ``label`` saves recomputing ``source.label`` (a file-system check) per record.
+    """
     turns = ADAPTERS[source.format](record, source)
-    return Conversation(turns, source=source.label, language=source.language, index=index).validate()
+    if source.system_prompt and not any(t.role == "system" for t in turns):
+        turns = [Turn("system", source.system_prompt)] + turns
+    return Conversation(turns, source=label or source.label, language=source.language, index=index).validate()
 
 
 def _chatterbot_dir(language: str) -> Path:
@@ -186,13 +256,20 @@ def chatterbot_records(language: str, categories: Optional[list[str]] = None) ->
     """Raw dialogs of the chatterbot-corpus package for one language, in file order."""
     import yaml
 
+    folder = _chatterbot_dir(language)
+    files = sorted(folder.glob("*.yml"))
+    if categories:
+        missing = set(categories) - {f.stem for f in files}
+        if missing:
+            raise ConfigError(f"chatterbot-corpus {language!r} has no categories {sorted(missing)}; "
+                              f"known: {sorted(f.stem for f in files)}")
+        files = [f for f in files if f.stem in categories]
     records = []
-    for file in sorted(_chatterbot_dir(language).glob("*.yml")):
-        if categories and file.stem not in categories:
-            continue
-        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    for file in files:
+        # BaseLoader keeps every scalar as written (a "yes" or "42" line stays text, not True/42).
+        data = yaml.load(file.read_text(encoding="utf-8"), Loader=yaml.BaseLoader) or {}
         for dialog in data.get("conversations") or []:
-            records.append({"utterances": [str(u) if not isinstance(u, str) else u for u in dialog], "category": file.stem})
+            records.append({"utterances": list(dialog) if isinstance(dialog, list) else [dialog], "category": file.stem})
     return records
 
 
@@ -200,36 +277,43 @@ def iter_chatterbot_texts(languages: list[str]) -> Iterator[str]:
     """Every utterance of the chatterbot corpus for ``languages`` (for tokenizer training)."""
     for lang in languages:
         for rec in chatterbot_records(lang):
-            yield from rec["utterances"]
+            yield from (u for u in rec["utterances"] if isinstance(u, str))
 
 
-_LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+def load_raw(source: DataSource, cache_dir: Optional[str] = None) -> Any:
+    """The raw records of a source: a ``datasets.Dataset``, or an ``IterableDataset`` if streaming.
 
-
-def load_raw(source: DataSource) -> Any:
-    """The raw records of a source as a ``datasets.Dataset`` (or ``IterableDataset`` if streaming)."""
+    ``max_samples`` is applied here (the first records), before any validation split.
+    """
     import datasets
 
+    where = f"data source {source.label!r} ({source.path})"
     if source.format == "chatterbot":
-        return datasets.Dataset.from_list(chatterbot_records(source.language, source.categories))
-    path = Path(source.path)
-    if path.is_file():
-        builder = _LOCAL_BUILDERS.get(path.suffix.lower())
-        if builder is None:
-            raise ConfigError(
-                f"data source {source.path!r}: unsupported file type {path.suffix!r}; use one of {sorted(_LOCAL_BUILDERS)}"
-            )
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=source.streaming)
-    elif path.is_dir() or "/" in source.path:
-        try:
-            ds = datasets.load_dataset(source.path, source.subset, split=source.split, streaming=source.streaming)
-        except FileNotFoundError as err:
-            raise ConfigError(
-                f"data source {source.path!r}: not a local file or folder, and the hub dataset could not be "
-                f"loaded ({err}). Check the path, or log in / set HF_HUB_OFFLINE=0 for hub datasets."
-            ) from err
+        ds = datasets.Dataset.from_list(chatterbot_records(source.language, source.categories))
+        if source.streaming:
+            ds = ds.to_iterable_dataset()
     else:
-        raise ConfigError(f"data source {source.path!r}: no such file or folder, and not a hub id (owner/name)")
+        path = Path(source.path)
+        if path.is_file():
+            builder = _LOCAL_BUILDERS.get(path.suffix.lower())
+            if builder is None:
+                raise ConfigError(f"{where}: unsupported file type {path.suffix!r}; use one of {sorted(_LOCAL_BUILDERS)}")
+            args: tuple = (builder,)
+            kwargs: dict[str, Any] = {"data_files": str(path), "split": "train"}
+            if source.json_field:
+                kwargs["field"] = source.json_field
+        elif path.is_dir() or source.path.count("/") == 1:
+            args = (source.path, source.subset)
+            kwargs = {"split": source.split, "revision": source.revision}
+        else:
+            raise ConfigError(f"{where}: no such file or folder, and not a hub id (owner/name)")
+        try:
+            ds = datasets.load_dataset(*args, streaming=source.streaming, cache_dir=cache_dir, **kwargs)
+        except (OSError, ValueError) as err:  # not found, offline, unknown split, unparsable file
+            raise ConfigError(
+                f"{where} could not be loaded ({err.__class__.__name__}: {err}). Check the path, subset "
+                "and split; hub datasets need network access or a filled cache (HF_HUB_OFFLINE=1 uses it)."
+            ) from err
     if source.max_samples is not None:
         ds = ds.take(source.max_samples) if source.streaming else ds.select(range(min(source.max_samples, len(ds))))
     return ds

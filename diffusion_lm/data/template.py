@@ -16,7 +16,7 @@ never PAD (dLLM aliased EOS to PAD for ModernBERT and the model learned to fill 
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 from ..errors import ConfigError
 from .conversation import Turn
@@ -75,10 +75,18 @@ class ChatTemplate:
         self.eos_id: int = ids["eos"]
         self.bos_id: int | None = ids["bos"] if add_bos else None
         self._header_ids = {role: self.encode_text(h) if h else [] for role, h in self.role_headers.items()}
+        self._fingerprint: Optional[str] = None
 
     def encode_text(self, text: str) -> list[int]:
         """Token ids of plain text, with no special tokens."""
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        # verbose=False: no "longer than the model maximum" warning; length limits are applied on ids.
+        return list(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+    def encode_texts(self, texts: Sequence[str]) -> list[list[int]]:
+        """``encode_text`` of many texts in one tokenizer call (the same ids, faster)."""
+        if not texts:
+            return []
+        return [list(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]]
 
     def header_ids(self, role: str) -> list[int]:
         """Ids of the role header (e.g. ``Assistant:``)."""
@@ -105,9 +113,33 @@ class ChatTemplate:
 
     def example(self, turns: Sequence[Turn], answer_index: int) -> tuple[list[int], list[int]]:
         """(prompt ids, answer ids) for training on the assistant turn ``turns[answer_index]``."""
-        if turns[answer_index].role != "assistant":
-            raise ValueError(f"turn {answer_index} is a {turns[answer_index].role!r} turn, not an assistant answer")
-        return self.prompt_ids(turns[:answer_index]), self.answer_ids(turns[answer_index].content)
+        return self.examples(turns, [answer_index])[0]
+
+    def examples(
+        self,
+        turns: Sequence[Turn],
+        answer_indices: Sequence[int],
+        encoded: Optional[Sequence[Sequence[int]]] = None,
+    ) -> list[tuple[list[int], list[int]]]:
+        """(prompt ids, answer ids) for each assistant turn in ``answer_indices``, each with its own context.
+
+        Every turn is tokenised once (a multi-turn dialog would otherwise re-encode its context for
+        each answer); the ids are exactly ``(prompt_ids(turns[:k]), answer_ids(turns[k].content))``.
+        ``encoded`` may carry ``encode_texts`` of the turns' contents (up to the last answer), computed
+        by the caller in one batched call.
+        """
+        wanted = set(answer_indices)
+        for k in wanted:
+            if turns[k].role != "assistant":
+                raise ValueError(f"turn {k} is a {turns[k].role!r} turn, not an assistant answer")
+        out: dict[int, tuple[list[int], list[int]]] = {}
+        prefix = [self.bos_id] if self.bos_id is not None else []
+        for k, turn in enumerate(turns[: max(wanted) + 1] if wanted else []):
+            content = list(encoded[k]) if encoded is not None else self.encode_text(turn.content)
+            if k in wanted:
+                out[k] = (prefix + self._header_ids["assistant"], content + [self.eos_id])
+            prefix = prefix + self._header_ids[turn.role] + content + [self.eos_id]
+        return [out[k] for k in answer_indices]
 
     def decode_answer(self, ids: Sequence[int]) -> str:
         """Text of generated answer ids (cut at the first end-of-answer token)."""
@@ -115,6 +147,30 @@ class ChatTemplate:
         if self.eos_id in ids:
             ids = ids[: ids.index(self.eos_id)]
         return self.tokenizer.decode([i for i in ids if i not in (self.pad_id, self.mask_id)], skip_special_tokens=True).strip()
+
+    def fingerprint(self) -> str:
+        """A stable hash of everything that decides the ids this template produces.
+
+        It keys the tokenisation cache (``datasets.map``), so a second run with the same tokenizer
+        and template reuses the cached ids, and any change to the vocabulary or headers re-tokenises.
+        """
+        if self._fingerprint is not None:
+            return self._fingerprint
+        import hashlib
+        import json
+
+        tok = self.tokenizer
+        backend = getattr(tok, "backend_tokenizer", None)
+        if backend is not None:  # fast tokenizers: the full serialised pipeline (vocab, normaliser, ...)
+            vocab = backend.to_str()
+        else:
+            vocab = json.dumps(sorted(tok.get_vocab().items()), ensure_ascii=False)
+        h = hashlib.sha256()
+        for part in (type(tok).__name__, vocab, json.dumps(self.to_config(), sort_keys=True, ensure_ascii=False)):
+            h.update(part.encode("utf-8"))
+            h.update(b"\0")
+        self._fingerprint = h.hexdigest()[:32]  # cached: serialising a large vocabulary is slow
+        return self._fingerprint
 
     def to_config(self) -> dict:
         """What export writes to ``diffusion_config.json`` to rebuild this template."""
