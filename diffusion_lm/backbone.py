@@ -5,6 +5,18 @@ A backbone is a Hugging Face masked-LM (``AutoModelForMaskedLM``) from the hub, 
 :class:`Backbone` module splits it into the encoder body and the LM head so the head runs only on
 the hidden states of the positions being scored: full-vocabulary logits everywhere would cost
 ~3 GB per fp32 copy at L=1024 for mmBERT's 256k vocabulary (PITFALLS: dLLM, MDLM).
+
+Families (see ``docs/models.md``):
+
+* ModernBERT (RuModernBERT, mmBERT, ettin, ModernBERT), BERT, RoBERTa, XLM-R, DistilBERT: the
+  pretrained MLM head is used as is.
+* T5 encoders (FRIDA): transformers has no masked-LM class for T5, so :class:`T5EncoderForMaskedLM`
+  (the T5 encoder plus a fresh LM head tied to the input embeddings) is registered with
+  ``AutoModelForMaskedLM`` when :mod:`diffusion_lm` is imported. A T5 tokenizer has no mask token;
+  one is added and the embeddings are resized.
+
+Tokenizers without a mask, pad or end token get one (and the embeddings grow when needed); a
+model config lacking pad/eos/bos ids gets the tokenizer's.
 """
 
 from __future__ import annotations
@@ -17,10 +29,27 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
+from transformers import AutoModelForMaskedLM, T5Config
+from transformers import initialization as hf_init
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import MaskedLMOutput
+from transformers.models.t5.modeling_t5 import T5LayerNorm, T5PreTrainedModel, T5Stack
 
 from .errors import ConfigError
 
-__all__ = ["ScratchBackbone", "Backbone", "load_backbone", "load_tokenizer", "DEMO_TOKENIZER", "BackboneSpec"]
+__all__ = [
+    "ScratchBackbone",
+    "Backbone",
+    "BackboneSpec",
+    "DEMO_TOKENIZER",
+    "FAMILIES",
+    "Family",
+    "T5EncoderForMaskedLM",
+    "ensure_special_tokens",
+    "load_backbone",
+    "load_tokenizer",
+    "resolve_attn_implementation",
+]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +82,214 @@ class ScratchBackbone:
 BackboneSpec = Union[str, ScratchBackbone]
 
 
+# ----------------------------------------------------------------------------- T5 encoder + MLM head
+class T5MaskedLMHead(nn.Module):
+    """BERT-style prediction head for a T5 encoder: dense -> GELU -> RMSNorm -> scaled tied decoder.
+
+    The decoder weight is tied to the input embeddings (T5 uses a shared, std-1 embedding; the
+    ``d_model ** -0.5`` scale is the one T5 applies before its own tied LM head).
+    """
+
+    def __init__(self, config: T5Config) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.d_model, config.d_model)
+        self.act = ACT2FN["gelu"]
+        self.layer_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
+        self.decoder = nn.Linear(config.d_model, config.vocab_size, bias=True)
+        self.scale = config.d_model**-0.5
+
+    def transform(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states -> the vectors the tied decoder scores against every embedding row."""
+        return self.layer_norm(self.act(self.dense(hidden))) * self.scale
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.transform(hidden))
+
+
+class T5EncoderForMaskedLM(T5PreTrainedModel):
+    """A T5 encoder with a masked-LM head, so encoder-only T5 checkpoints (FRIDA) load as an MLM.
+
+    Parameter names of the body match ``T5EncoderModel`` (``shared``, ``encoder.*``), so a
+    ``T5EncoderModel`` or a full T5 checkpoint loads into it; the head (``lm_head.*``) is new unless
+    the checkpoint was saved from this class (a ``diffusion-lm export``). Registered with
+    ``AutoModelForMaskedLM`` for ``T5Config`` on ``import diffusion_lm``: plain transformers needs
+    that import to load an exported T5-family model (there is no T5 masked-LM class upstream).
+    """
+
+    _tied_weights_keys = {"encoder.embed_tokens.weight": "shared.weight", "lm_head.decoder.weight": "shared.weight"}
+    # A full T5 checkpoint also carries a decoder stack and a seq2seq LM head: not ours.
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^lm_head\.weight$"]
+    config_class = T5Config
+
+    def __init__(self, config: T5Config) -> None:
+        super().__init__(config)
+        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        config.use_cache = False
+        config.is_encoder_decoder = False
+        config.is_decoder = False
+        self.encoder = T5Stack(config)
+        self.lm_head = T5MaskedLMHead(config)
+        self.post_init()
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        factor = self.config.initializer_factor
+        head = getattr(self, "lm_head", None)
+        if head is not None and module is head.dense:
+            hf_init.normal_(module.weight, mean=0.0, std=factor * self.config.d_model**-0.5)
+            hf_init.zeros_(module.bias)
+        elif head is not None and module is head.decoder:
+            hf_init.zeros_(module.bias)  # the weight is the (tied) input embedding
+        else:
+            super()._init_weights(module)
+            if isinstance(module, T5EncoderForMaskedLM):
+                hf_init.normal_(module.shared.weight, mean=0.0, std=factor * 1.0)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.shared
+
+    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
+        self.shared = new_embeddings
+        self.encoder.set_input_embeddings(new_embeddings)
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head.decoder
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head.decoder = new_embeddings
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        **kwargs: Any,
+    ) -> MaskedLMOutput:
+        """Logits ``[B, L, V]`` at every position (and the MLM loss when ``labels`` are given)."""
+        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs)
+        logits = self.lm_head(out.last_hidden_state)
+        loss = None
+        if labels is not None:
+            flat = logits.float().view(-1, logits.shape[-1])
+            loss = nn.functional.cross_entropy(flat, labels.view(-1), ignore_index=-100)
+        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
+
+
+# exist_ok=True: transformers silently skips registering a native config class otherwise.
+AutoModelForMaskedLM.register(T5Config, T5EncoderForMaskedLM, exist_ok=True)
+
+
+# ----------------------------------------------------------------------------- families (body / head split)
+def _base_body(m: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    return m.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def _t5_body(m: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    return m.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def _modernbert_head(m: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    return m.decoder(m.head(h))
+
+
+def _bert_head(m: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    return m.cls(h)
+
+
+def _lm_head(m: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    return m.lm_head(h)
+
+
+def _distilbert_head(m: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    return m.vocab_projector(m.vocab_layer_norm(m.activation(m.vocab_transform(h))))
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one architecture splits into body and LM head.
+
+    Attributes:
+        body: ``(model, input_ids, attention_mask) -> last hidden states [B, L, H]``.
+        head: ``(model, hidden [N, H]) -> logits [N, V]`` (the pretrained MLM head).
+        head_prefixes: parameter-name prefixes of the head; if a checkpoint lacks them the head is
+            freshly initialised (the model has no MLM ability yet, and the loader says so).
+    """
+
+    body: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+    head: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    head_prefixes: tuple[str, ...]
+
+
+# model_type -> family. Module-level functions (not closures) so the Backbone pickles for ddp_spawn.
+FAMILIES: dict[str, Family] = {
+    "modernbert": Family(_base_body, _modernbert_head, ("head.", "decoder.")),
+    "bert": Family(_base_body, _bert_head, ("cls.",)),
+    "roberta": Family(_base_body, _lm_head, ("lm_head.",)),
+    "xlm-roberta": Family(_base_body, _lm_head, ("lm_head.",)),
+    "camembert": Family(_base_body, _lm_head, ("lm_head.",)),
+    "distilbert": Family(_base_body, _distilbert_head, ("vocab_",)),
+    "t5": Family(_t5_body, _lm_head, ("lm_head.",)),
+}
+
+
+# ----------------------------------------------------------------------------- attention implementation
+_ATTN_ALIASES = {
+    "auto": None,
+    "default": None,
+    "sdpa": "sdpa",
+    "eager": "eager",
+    "flash": "flash_attention_2",
+    "flash2": "flash_attention_2",
+    "fa2": "flash_attention_2",
+    "flash3": "flash_attention_3",
+    "fa3": "flash_attention_3",
+    "flex": "flex_attention",
+}
+
+
+def resolve_attn_implementation(name: Optional[str]) -> Optional[str]:
+    """Map a user-facing attention name to the transformers one.
+
+    ``sdpa`` (the default: fast everywhere, no extra package), ``flash``/``flash_attention_2``,
+    ``flash_attention_3``, ``flex``, ``eager``; ``auto``/``None`` lets transformers choose. Other
+    strings (e.g. a hub kernel) are passed through unchanged.
+    """
+    if name is None:
+        return None
+    key = str(name).strip().lower()
+    return _ATTN_ALIASES.get(key, key)
+
+
+def _fallbacks(requested: Optional[str]) -> list[Optional[str]]:
+    """Implementations to try in order: the requested one, then sdpa, then eager."""
+    chain = [requested]
+    for alt in ("sdpa", "eager"):
+        if requested not in (None, "eager") and alt not in chain:
+            chain.append(alt)
+    return chain
+
+
+def _load_with_attention(load: Callable[[Optional[str]], Any], requested: Optional[str], what: str):
+    """Call ``load(impl)``, falling back to sdpa then eager when ``requested`` is unavailable here
+    (flash-attn not installed, CPU, or an architecture without that kernel), with a warning."""
+    chain = _fallbacks(requested)
+    for i, impl in enumerate(chain):
+        try:
+            return load(impl)
+        except (ImportError, ValueError) as err:
+            text = str(err)
+            if isinstance(err, ValueError) and "attn_implementation" in text and "is not supported" in text:
+                raise ConfigError(f"model.attn_implementation={requested!r}: {text.splitlines()[0]}") from err
+            unavailable = isinstance(err, ImportError) or "does not support" in text or "attention" in text.lower()
+            if not unavailable or i == len(chain) - 1:
+                raise
+            log.warning("%s: attention %r is not available (%s); falling back to %r",
+                        what, impl, text.splitlines()[0], chain[i + 1])
+    raise AssertionError("unreachable")
+
+
+# ----------------------------------------------------------------------------- tokenizers and special tokens
 def load_tokenizer(name_or_path: Optional[str]):
     """Load a tokenizer (the bundled demo tokenizer for ``None``) with a clear error if missing."""
     from transformers import AutoTokenizer
@@ -67,32 +304,57 @@ def load_tokenizer(name_or_path: Optional[str]):
         ) from err
 
 
-def _ensure_special_tokens(tokenizer, model) -> None:
-    """Add the tokens the framework needs (mask, pad) and resize the embeddings if any were added."""
-    added = {}
+def _token_style(tokenizer, word: str) -> str:
+    """A new special token in the tokenizer's own style: ``[MASK]`` for BERT-like, ``<mask>`` otherwise."""
+    present = [t for t in (tokenizer.pad_token, tokenizer.unk_token, tokenizer.cls_token, tokenizer.sep_token) if t]
+    if any(str(t).startswith("[") for t in present):
+        return f"[{word.upper()}]"
+    return f"<{word.lower()}>"
+
+
+def ensure_special_tokens(tokenizer, model: Optional[nn.Module] = None) -> dict[str, str]:
+    """Give the tokenizer the tokens the framework needs, grow the embeddings, fill config ids.
+
+    * mask token: added if missing (T5 / FRIDA has none);
+    * pad token: added if missing, or if it equals the only end token (GPT-2 style tokenizers alias
+      them; the model would learn to fill the canvas with its end token, PITFALLS: dLLM);
+    * end token: EOS (distinct from PAD) or SEP; ``</s>`` / ``[SEP]`` added if neither exists.
+
+    New tokens get new embedding rows (``resize_token_embeddings``, mean-initialised) when the
+    vocabulary outgrows the embedding matrix. Returns the tokens that were added.
+    """
+    added: dict[str, str] = {}
     if tokenizer.mask_token is None:
-        added["mask_token"] = "[MASK]"
-    if tokenizer.pad_token is None:
-        added["pad_token"] = "[PAD]"
-    if tokenizer.eos_token is None and tokenizer.sep_token is None:
-        added["eos_token"] = "</s>"
+        added["mask_token"] = _token_style(tokenizer, "mask")
+    pad, eos, sep = tokenizer.pad_token, tokenizer.eos_token, tokenizer.sep_token
+    if pad is None or (pad == eos and sep in (None, pad)):
+        added["pad_token"] = _token_style(tokenizer, "pad")
+    if (eos is None or eos == pad) and sep in (None, pad) and "pad_token" not in added:
+        added["eos_token"] = "[SEP]" if _token_style(tokenizer, "x").startswith("[") else "</s>"
     if added:
         tokenizer.add_special_tokens(added)
-        log.warning("added special tokens %s to the tokenizer; new embedding rows are untrained", added)
+        log.warning("added special tokens %s to the tokenizer; their embedding rows are new and untrained", added)
+    if model is None:
+        return added
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    end = eos_id if eos_id not in (None, pad_id) else tokenizer.sep_token_id
+    bos = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+    for attr, value in (("pad_token_id", tokenizer.pad_token_id), ("eos_token_id", end), ("bos_token_id", bos)):
+        if getattr(model.config, attr, None) is None and value is not None:
+            setattr(model.config, attr, value)
+    if getattr(model.config, "mask_token_id", None) is None:
+        model.config.mask_token_id = tokenizer.mask_token_id
+    return added
 
 
+# ----------------------------------------------------------------------------- loading
 def _build_scratch(spec: ScratchBackbone, attn_implementation: Optional[str]):
-    from transformers import AutoConfig, AutoModelForMaskedLM
+    from transformers import AutoConfig
 
     tokenizer = load_tokenizer(spec.tokenizer)
-    if tokenizer.mask_token is None:
-        tokenizer.add_special_tokens({"mask_token": "[MASK]"})
-    if tokenizer.pad_token is None:
-        tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    ensure_special_tokens(tokenizer)
     kwargs = dict(
         vocab_size=len(tokenizer),
         hidden_size=spec.hidden_size,
@@ -113,83 +375,94 @@ def _build_scratch(spec: ScratchBackbone, attn_implementation: Optional[str]):
         config = AutoConfig.for_model(spec.model_type, **kwargs)
     except ValueError as err:
         raise ConfigError(f"model.backbone.model_type: {err}") from err
-    if attn_implementation:
-        config._attn_implementation = attn_implementation
-    model = AutoModelForMaskedLM.from_config(config)
+    model = _load_with_attention(
+        lambda impl: AutoModelForMaskedLM.from_config(config, **({"attn_implementation": impl} if impl else {})),
+        resolve_attn_implementation(attn_implementation),
+        f"scratch {spec.model_type}",
+    )
+    ensure_special_tokens(tokenizer, model)
     return model, tokenizer
 
 
-def load_backbone(spec: BackboneSpec, attn_implementation: Optional[str] = "sdpa", dtype: Optional[torch.dtype] = None):
-    """Load ``(model, tokenizer)`` for a hub id, a local folder, or a :class:`ScratchBackbone`."""
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
+def _warn_fresh_head(spec: str, model: nn.Module, missing: list[str]) -> bool:
+    family = FAMILIES.get(getattr(model.config, "model_type", ""))
+    prefixes = family.head_prefixes if family else ()
+    head_missing = [k for k in missing if k.startswith(prefixes)] if prefixes else []
+    if head_missing:
+        log.warning(
+            "%s has no masked-LM head in its checkpoint (%d head weights freshly initialised, e.g. %s): it cannot "
+            "predict masked tokens until fine-tuned. Expect the MLM health check to flag it; conversion works "
+            "best from a model pretrained with MLM.",
+            spec,
+            len(head_missing),
+            head_missing[0],
+        )
+    elif missing:
+        log.warning("%s: %d weights were not in the checkpoint and are freshly initialised (e.g. %s)",
+                    spec, len(missing), missing[0])
+    return bool(head_missing)
+
+
+def load_backbone(
+    spec: BackboneSpec, attn_implementation: Optional[str] = "sdpa", dtype: Optional[torch.dtype] = None
+):
+    """Load ``(model, tokenizer)`` for a hub id, a local folder, or a :class:`ScratchBackbone`.
+
+    Hub ids and folders go through ``AutoTokenizer`` / ``AutoModelForMaskedLM.from_pretrained``
+    (no remote code). ``attn_implementation``: ``sdpa`` (default), ``flash`` /
+    ``flash_attention_2``, ``eager``, ``flex`` or ``auto``; an implementation that is not available
+    here falls back to sdpa, then eager, with a warning. The model gets a ``diffusion_lm_fresh_head``
+    attribute: True when its checkpoint had no MLM head (e.g. FRIDA), so the head is untrained.
+    """
+    from transformers import AutoTokenizer
 
     if isinstance(spec, dict):
         spec = ScratchBackbone(**spec)
     if isinstance(spec, ScratchBackbone):
         return _build_scratch(spec, attn_implementation)
     if not isinstance(spec, str) or not spec:
-        raise ConfigError(f"model.backbone must be a hub id, a local folder or a ScratchBackbone config, got {spec!r}")
+        raise ConfigError(
+            f"model.backbone must be a hub id, a local folder or a ScratchBackbone config, got {spec!r}"
+        )
     local = os.path.isdir(spec)
     if not local and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
         raise ConfigError(
             f"model.backbone={spec!r}: no such folder. Give an existing local model folder or a hub id such as "
             "'deepvk/RuModernBERT-base'."
         )
-    kwargs: dict[str, Any] = {}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
+    base_kwargs: dict[str, Any] = {"output_loading_info": True}
     if dtype is not None:
-        kwargs["dtype"] = dtype
+        base_kwargs["dtype"] = dtype
+
+    def load(impl: Optional[str]):
+        kwargs = dict(base_kwargs, **({"attn_implementation": impl} if impl else {}))
+        return AutoModelForMaskedLM.from_pretrained(spec, **kwargs)
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(spec)
-        try:
-            model = AutoModelForMaskedLM.from_pretrained(spec, **kwargs)
-        except ValueError as err:
-            if "attn_implementation" in kwargs and "attention" in str(err).lower():
-                log.warning("%s: %s; falling back to the eager attention implementation", spec, err)
-                kwargs["attn_implementation"] = "eager"
-                model = AutoModelForMaskedLM.from_pretrained(spec, **kwargs)
-            else:
-                raise
+        model, info = _load_with_attention(load, resolve_attn_implementation(attn_implementation), spec)
     except OSError as err:
         where = "local folder" if local else "hub id"
         raise ConfigError(
             f"model.backbone={spec!r} ({where}) could not be loaded: {err}. Check the path or hub id, "
             "your network / HF_HUB_OFFLINE setting, and that the folder holds config.json, weights and a tokenizer."
         ) from err
-    _ensure_special_tokens(tokenizer, model)
+    except ValueError as err:
+        if "Unrecognized configuration class" in str(err):
+            raise ConfigError(
+                f"model.backbone={spec!r}: its architecture has no masked-LM class in transformers. Supported "
+                f"families: {', '.join(sorted(FAMILIES))} (see docs/models.md)."
+            ) from err
+        raise
+    model.diffusion_lm_fresh_head = _warn_fresh_head(spec, model, list(info.get("missing_keys", [])))
+    ensure_special_tokens(tokenizer, model)
+    # from_pretrained returns eval mode; Lightning keeps submodule modes as found, so a hub backbone
+    # would fine-tune with its dropout silently off. Callers switch to eval for inference.
+    model.train()
     return model, tokenizer
 
 
-# --------------------------------------------------------------------------- head split
-def _modernbert_head(m: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    return m.decoder(m.head(h))
-
-
-def _bert_head(m: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    return m.cls(h)
-
-
-def _roberta_head(m: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    return m.lm_head(h)
-
-
-def _distilbert_head(m: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    return m.vocab_projector(m.vocab_layer_norm(m.activation(m.vocab_transform(h))))
-
-
-# model_type -> LM head of a *ForMaskedLM model applied to hidden states. Module-level functions
-# (not closures) so the Backbone pickles for ddp_spawn.
-HEADS: dict[str, Callable[[nn.Module, torch.Tensor], torch.Tensor]] = {
-    "modernbert": _modernbert_head,
-    "bert": _bert_head,
-    "roberta": _roberta_head,
-    "xlm-roberta": _roberta_head,
-    "camembert": _roberta_head,
-    "distilbert": _distilbert_head,
-}
-
-
+# ----------------------------------------------------------------------------- the denoiser module
 class Backbone(nn.Module):
     """A masked LM split into body (all positions) and head (selected positions only).
 
@@ -204,10 +477,11 @@ class Backbone(nn.Module):
         self.model = model
         self.mask_id = mask_id
         model_type = getattr(model.config, "model_type", "")
-        self._head = HEADS.get(model_type)
-        if self._head is None:
+        self._family = FAMILIES.get(model_type)
+        if self._family is None:
             log.warning(
-                "no head split registered for model_type=%r: logits are computed at every position, then gathered",
+                "no body/head split registered for model_type=%r: "
+                "logits are computed at every position, then gathered",
                 model_type,
             )
 
@@ -217,16 +491,18 @@ class Backbone(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Last hidden states ``[B, L, H]`` of the encoder body."""
-        return self.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self._family is None:
+            return _base_body(self.model, input_ids, attention_mask)
+        return self._family.body(self.model, input_ids, attention_mask)
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head on selected hidden states ``[N, H]`` -> float32 logits ``[N, V]``, [MASK] at -inf."""
-        logits = self._head(self.model, hidden).float()
+        logits = self._family.head(self.model, hidden).float()
         logits[..., self.mask_id] = float("-inf")
         return logits
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        if self._head is None:
+        if self._family is None:
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[query].float()
             logits[..., self.mask_id] = float("-inf")
             return logits

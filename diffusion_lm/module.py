@@ -52,6 +52,8 @@ class MaskedDiffusionLM(pl.LightningModule):
         attn_implementation: ``sdpa`` (default), ``flash_attention_2`` or ``eager``.
         role_headers: chat template role headers (default ``User:`` / ``Assistant:`` / ``System:``).
         canvas_length: default generation canvas (answer slots) for sampling.
+        health_check: run the MLM health check (:class:`~diffusion_lm.health.MLMHealthCheck`) at
+            the start of ``fit``; a ``MLMHealthCheck`` in ``trainer.callbacks`` replaces the default one.
     """
 
     def __init__(
@@ -73,6 +75,7 @@ class MaskedDiffusionLM(pl.LightningModule):
         attn_implementation: Optional[str] = "sdpa",
         role_headers: Optional[dict[str, str]] = None,
         canvas_length: int = 64,
+        health_check: bool = True,
     ) -> None:
         super().__init__()
         if schedule is not None and not isinstance(schedule, NoiseSchedule):
@@ -92,6 +95,17 @@ class MaskedDiffusionLM(pl.LightningModule):
         self.net = Backbone(model, self.template.mask_id)
         self.val_metrics = LanguageNelbo(["en", "ru"])
         self.test_metrics = LanguageNelbo(["en", "ru"])
+
+    def configure_callbacks(self):
+        """The MLM health check at fit start, unless disabled or already configured in the Trainer."""
+        from .health import MLMHealthCheck
+
+        trainer = self._trainer
+        if not self.hparams.get("health_check", True) or trainer is None:
+            return []
+        if any(isinstance(cb, MLMHealthCheck) for cb in trainer.callbacks):
+            return []
+        return [MLMHealthCheck()]
 
     # ----------------------------------------------------------------- basics
     @property

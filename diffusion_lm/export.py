@@ -1,0 +1,418 @@
+"""Export a trained model to a Hugging Face folder, and load such a folder back for inference.
+
+The folder holds what ``transformers.AutoModelForMaskedLM.from_pretrained`` loads with no remote
+code (``config.json`` + safetensors weights), the tokenizer (with the mask/pad/end tokens the
+framework added), ``diffusion_config.json`` (mask id, noise schedule, chat template, sampler
+defaults, training and data summary) and a model card (``README.md``).
+
+The T5-encoder family (FRIDA) is the exception to "plain transformers": transformers has no T5
+masked-LM class, so its export is a :class:`~diffusion_lm.backbone.T5EncoderForMaskedLM`, which
+``AutoModelForMaskedLM`` knows once ``diffusion_lm`` has been imported (see ``docs/models.md``).
+
+Exports are atomic: everything is written into a temporary folder next to the target, reloaded
+and checked, then renamed into place, so a failed export never leaves a half-written folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import torch
+
+from .errors import ConfigError
+
+__all__ = [
+    "DIFFUSION_CONFIG",
+    "FORMAT_VERSION",
+    "export_checkpoint",
+    "export_command",
+    "export_model",
+    "load_exported",
+    "read_diffusion_config",
+]
+
+log = logging.getLogger(__name__)
+
+DIFFUSION_CONFIG = "diffusion_config.json"
+FORMAT_VERSION = 1
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ----------------------------------------------------------------------------- helpers
+def _jsonable(value: Any) -> Any:
+    """A JSON-safe copy of hyperparameters and summaries (dataclasses, schedules, tuples, paths)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_jsonable(v) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _jsonable(dataclasses.asdict(value))
+    if callable(getattr(value, "to_config", None)):
+        return _jsonable(value.to_config())
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (Path, torch.dtype)):
+        return str(value)
+    return repr(value)
+
+
+def _sampler_defaults(model) -> dict:
+    """Canvas and length defaults, plus the sampler presets (``{name: SamplerConfig.to_dict()}``)."""
+    out: dict[str, Any] = {"canvas_length": int(model.hparams.canvas_length), "max_length": int(model.max_length)}
+    try:
+        from .sampling.config import PRESETS
+    except ImportError:  # sampler not installed in this tree: the canvas defaults are still useful
+        return out
+    out["default_preset"] = "quality" if "quality" in PRESETS else next(iter(PRESETS), None)
+    out["presets"] = {name: factory().to_dict() for name, factory in PRESETS.items()}
+    return out
+
+
+def _languages(data_summary: dict) -> list[str]:
+    langs = list((data_summary or {}).get("per_language") or {})
+    return sorted(langs) or ["en", "ru"]
+
+
+def diffusion_config(model, *, weights: str = "current", data_summary: Optional[dict] = None,
+                     global_step: Optional[int] = None) -> dict:
+    """The ``diffusion_config.json`` content for a :class:`~diffusion_lm.MaskedDiffusionLM`."""
+    from . import __version__
+    from .backbone import describe
+
+    template = model.template
+    hp = dict(model.hparams)
+    training = {k: _jsonable(v) for k, v in hp.items() if k not in ("backbone", "schedule") and not k.startswith("_")}
+    return {
+        "format_version": FORMAT_VERSION,
+        "diffusion_lm_version": __version__,
+        "model_type": model.net.model.config.model_type,
+        "architecture": type(model.net.model).__name__,
+        "mask_token_id": template.mask_id,
+        "pad_token_id": template.pad_id,
+        "eos_token_id": template.eos_id,
+        "bos_token_id": template.bos_id,
+        "schedule": model.schedule.to_config(),
+        "chat_template": template.to_config(),
+        "sampler": _sampler_defaults(model),
+        "training": {
+            "backbone": _jsonable(describe(hp["backbone"])),
+            "weights": weights,
+            "global_step": global_step,
+            "hparams": training,
+        },
+        "data": _jsonable(data_summary or {}),
+    }
+
+
+def _model_card(cfg: dict) -> str:
+    base = cfg["training"]["backbone"].get("name_or_path")
+    hub_base = base if isinstance(base, str) and not os.path.exists(base) and base.count("/") == 1 else None
+    langs = _languages(cfg.get("data") or {})
+    t5 = cfg["architecture"] == "T5EncoderForMaskedLM"
+    front = ["---", "library_name: transformers", "pipeline_tag: fill-mask", "tags:", "- masked-diffusion",
+             "- diffusion-lm", "- text-generation", "language:"] + [f"- {lang}" for lang in langs]
+    if hub_base:
+        front.append(f"base_model: {hub_base}")
+    front.append("---")
+    data = cfg.get("data") or {}
+    per_language = data.get("per_language") or {}
+    data_lines = [f"- {lang}: {n} training examples" for lang, n in sorted(per_language.items())]
+    data_lines = data_lines or ["- (no data summary recorded)"]
+    schedule = cfg["schedule"]["class_path"].rsplit(".", 1)[-1]
+    load_note = (
+        "This is a T5 encoder with a masked-LM head (`T5EncoderForMaskedLM`), which transformers does not ship: "
+        "`import diffusion_lm` before `AutoModelForMaskedLM.from_pretrained` registers it."
+        if t5
+        else "The weights load with plain `transformers.AutoModelForMaskedLM.from_pretrained` (no remote code)."
+    )
+    sampler = cfg.get("sampler") or {}
+    presets = ", ".join(sampler.get("presets") or []) or "n/a"
+    return "\n".join(front) + f"""
+
+# Masked-diffusion chat model ({cfg['model_type']})
+
+An encoder fine-tuned as a **masked (absorbing-state) diffusion language model** with
+`diffusion_lm`: it answers by unmasking an all-[MASK] canvas over several steps and can fill holes
+anywhere in a text (targeted edits, fill-in-the-middle, bridging).
+
+- base model: `{base or cfg['training']['backbone']}`
+- weights: {cfg['training']['weights']} (step {cfg['training']['global_step']})
+- noise schedule: `{schedule}`; mask token id {cfg['mask_token_id']}, end-of-answer id {cfg['eos_token_id']}
+- default canvas: {sampler.get('canvas_length')} answer slots; sampler presets: {presets}
+
+{load_note}
+
+## Use
+
+```python
+import diffusion_lm
+from diffusion_lm.export import load_exported
+
+model = load_exported("path/to/this/folder")
+print(model.generate(["Привет! Как дела?", "Hello, how are you?"]).texts)
+```
+
+or from the shell: `diffusion-lm generate --model path/to/this/folder --prompt "Hello"`.
+Prompts must follow the chat template stored in `diffusion_config.json` (`chat_template`);
+`diffusion_lm` builds them for you.
+
+## Training data
+
+{chr(10).join(data_lines)}
+
+## Limitations
+
+Encoder-based diffusion chat models tend to loop (cyclic repetition), especially outside their
+pretraining languages; use the sampler's repetition guard and semi-autoregressive blocks, and judge
+quality per language. The model is a proof of concept for chat; editing and infilling are its
+strengths.
+"""
+
+
+def _atomic_write(target: Path, overwrite: bool, write) -> Path:
+    """Run ``write(tmp_dir)`` and move the result to ``target`` in one rename; clean up on failure."""
+    target = Path(target).expanduser().resolve()
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"--output_dir {target} exists and is not a folder")
+    if target.exists() and not overwrite:
+        raise ConfigError(f"--output_dir {target} already exists; pass --overwrite true to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    backup: Optional[Path] = None
+    try:
+        write(tmp)
+        if target.exists():
+            backup = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(target, backup)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if backup is not None and backup.exists() and not target.exists():
+            os.replace(backup, target)
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+    return target
+
+
+@torch.no_grad()
+def _verify(folder: Path, model, dtype: Optional[torch.dtype]) -> None:
+    """Reload the written folder with ``AutoModelForMaskedLM`` and compare logits on a short prompt."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    hf = model.net.model
+    param = next(hf.parameters())
+    saved_dtype = dtype or param.dtype
+    reloaded = AutoModelForMaskedLM.from_pretrained(folder, dtype=saved_dtype).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if len(tokenizer) != len(model.tokenizer):
+        raise RuntimeError(
+            f"export check: the saved tokenizer has {len(tokenizer)} tokens, the model's {len(model.tokenizer)}"
+        )
+    ids = torch.tensor([model.prompt_ids("Hello! Привет!")[:32]])
+    mask = torch.ones_like(ids)
+    was_training = hf.training
+    hf.eval()
+    try:
+        expected = hf(input_ids=ids.to(param.device), attention_mask=mask.to(param.device)).logits.float().cpu()
+    finally:
+        hf.train(was_training)
+    got = reloaded(input_ids=ids, attention_mask=mask).logits.float()
+    exact = saved_dtype == param.dtype == torch.float32 and param.device.type == "cpu"
+    scale = float(expected.abs().max().clamp_min(1.0))
+    atol, rtol = (1e-4, 1e-4) if exact else (5e-2 * scale, 5e-2)
+    if got.shape != expected.shape or not torch.allclose(got, expected, atol=atol, rtol=rtol):
+        diff = (got - expected).abs().max().item() if got.shape == expected.shape else f"shape {tuple(got.shape)}"
+        raise RuntimeError(f"export check: logits of the reloaded export differ from the model's (max |diff| {diff})")
+
+
+# ----------------------------------------------------------------------------- export
+def export_model(
+    model,
+    output_dir: Union[str, Path],
+    *,
+    overwrite: bool = False,
+    weights: str = "current",
+    data_summary: Optional[dict] = None,
+    global_step: Optional[int] = None,
+    dtype: Optional[torch.dtype] = None,
+    verify: bool = True,
+) -> Path:
+    """Write ``model`` (a :class:`~diffusion_lm.MaskedDiffusionLM`) to ``output_dir`` atomically.
+
+    Args:
+        model: the model; its weights are written as they are (the caller picks EMA or current).
+        output_dir: target folder (must not exist unless ``overwrite``).
+        weights: label recorded in the metadata (``ema`` or ``current``).
+        data_summary: the training data summary (``DialogDataModule.summary``).
+        global_step: training step, for the metadata and the model card.
+        dtype: save the weights in this dtype (default: as they are, usually float32).
+        verify: reload the folder with ``AutoModelForMaskedLM`` and compare logits before publishing it.
+    """
+    hf_model = model.net.model
+    cfg = diffusion_config(model, weights=weights, data_summary=data_summary, global_step=global_step)
+
+    def write(tmp: Path) -> None:
+        state = None
+        if dtype is not None:
+            state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in hf_model.state_dict().items()}
+        hf_model.save_pretrained(tmp, state_dict=state)
+        if dtype is not None:
+            config_path = tmp / "config.json"
+            saved = json.loads(config_path.read_text(encoding="utf-8"))
+            saved["dtype"] = str(dtype).replace("torch.", "")
+            config_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        model.tokenizer.save_pretrained(tmp)
+        (tmp / DIFFUSION_CONFIG).write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        (tmp / "README.md").write_text(_model_card(cfg), encoding="utf-8")
+        if verify:
+            _verify(tmp, model, dtype)
+
+    target = _atomic_write(Path(output_dir), overwrite, write)
+    log.info("exported %s weights to %s", weights, target)
+    return target
+
+
+def _data_summary(checkpoint: dict) -> dict:
+    """The data module's summary from a Lightning checkpoint (saved by ``DialogDataModule.state_dict``)."""
+    state = checkpoint.get("DialogDataModule")
+    if isinstance(state, dict) and isinstance(state.get("summary"), dict):
+        return state["summary"]
+    for key, value in checkpoint.items():
+        if key.endswith("DataModule") and isinstance(value, dict) and isinstance(value.get("summary"), dict):
+            return value["summary"]
+    return {}
+
+
+def export_checkpoint(
+    ckpt_path: Union[str, Path],
+    output_dir: Union[str, Path],
+    *,
+    weights: Literal["auto", "ema", "current"] = "auto",
+    overwrite: bool = False,
+    dtype: Optional[torch.dtype] = None,
+    verify: bool = True,
+) -> Path:
+    """Export a Lightning checkpoint of :class:`~diffusion_lm.MaskedDiffusionLM`.
+
+    With Lightning's ``EMAWeightAveraging`` the checkpoint's ``state_dict`` holds the averaged
+    weights and ``current_model_state`` the raw ones; ``weights="auto"`` exports the EMA weights
+    when present, ``current`` the raw ones, ``ema`` insists on EMA.
+    """
+    from .module import MaskedDiffusionLM
+
+    ckpt_path = str(ckpt_path)
+    if not os.path.isfile(ckpt_path):
+        raise ConfigError(f"--ckpt_path {ckpt_path!r}: no such checkpoint file")
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+    has_ema = "current_model_state" in checkpoint
+    if weights == "ema" and not has_ema:
+        raise ConfigError(
+            f"--weights ema: {ckpt_path} was not saved with EMAWeightAveraging (no averaged weights in it)"
+        )
+    current_state = checkpoint["current_model_state"] if (weights == "current" and has_ema) else None
+    summary = _data_summary(checkpoint)
+    global_step = checkpoint.get("global_step")
+    del checkpoint
+    model = MaskedDiffusionLM.load_from_checkpoint(ckpt_path, map_location="cpu")
+    if current_state is not None:
+        model.load_state_dict(current_state)
+    model.eval()
+    label = "ema" if has_ema and current_state is None else "current"
+    return export_model(model, output_dir, overwrite=overwrite, weights=label, data_summary=summary,
+                        global_step=global_step, dtype=dtype, verify=verify)
+
+
+def export_command(
+    ckpt_path: str,
+    output_dir: str,
+    weights: Literal["auto", "ema", "current"] = "auto",
+    overwrite: bool = False,
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None,
+    verify: bool = True,
+) -> None:
+    """Export a training checkpoint to a Hugging Face folder (model, tokenizer, diffusion metadata, card).
+
+    Args:
+        ckpt_path: Lightning checkpoint (``.ckpt``) of a ``diffusion-lm fit`` run.
+        output_dir: folder to create (written atomically).
+        weights: ``auto`` (EMA weights if the run used EMAWeightAveraging), ``ema`` or ``current``.
+        overwrite: replace an existing ``output_dir``.
+        dtype: save the weights as ``float32``, ``bfloat16`` or ``float16`` (default: unchanged).
+        verify: reload the export with ``AutoModelForMaskedLM`` and compare logits before publishing it.
+    """
+    target = export_checkpoint(ckpt_path, output_dir, weights=weights, overwrite=overwrite,
+                               dtype=_DTYPES[dtype] if dtype else None, verify=verify)
+    print(f"exported {ckpt_path} -> {target}")
+
+
+# ----------------------------------------------------------------------------- load back
+def read_diffusion_config(path: Union[str, Path]) -> dict:
+    """The parsed ``diffusion_config.json`` of an export folder (with a clear error if missing)."""
+    file = Path(path) / DIFFUSION_CONFIG
+    if not file.is_file():
+        raise ConfigError(f"{path}: not a diffusion_lm export (no {DIFFUSION_CONFIG}); give a folder written by "
+                          "`diffusion-lm export` or a .ckpt checkpoint")
+    cfg = json.loads(file.read_text(encoding="utf-8"))
+    if int(cfg.get("format_version", 0)) > FORMAT_VERSION:
+        raise ConfigError(f"{file}: format_version {cfg.get('format_version')} is newer than this diffusion_lm "
+                          f"understands ({FORMAT_VERSION}); upgrade diffusion_lm")
+    return cfg
+
+
+def _schedule(spec: dict):
+    from .schedules import NoiseSchedule
+
+    module_name, _, name = spec["class_path"].rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"schedule {spec['class_path']!r} of the export cannot be imported: {err}") from err
+    schedule = cls(**(spec.get("init_args") or {}))
+    if not isinstance(schedule, NoiseSchedule):
+        raise ConfigError(f"schedule {spec['class_path']!r} is not a NoiseSchedule")
+    return schedule
+
+
+def load_exported(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu",
+                  attn_implementation: Optional[str] = "sdpa"):
+    """Build a :class:`~diffusion_lm.MaskedDiffusionLM` (eval mode) from an export folder.
+
+    The model, tokenizer, schedule, chat template and sampler defaults come from the folder, so
+    ``generate``/``infill``/``chat`` behave as with the training checkpoint. The parsed metadata is
+    attached as ``model.diffusion_config``.
+    """
+    from .data.template import ChatTemplate
+    from .module import MaskedDiffusionLM
+
+    path = str(path)
+    cfg = read_diffusion_config(path)
+    tpl = cfg["chat_template"]
+    model = MaskedDiffusionLM(
+        backbone=path,
+        schedule=_schedule(cfg["schedule"]),
+        role_headers=tpl.get("role_headers"),
+        canvas_length=int(cfg["sampler"]["canvas_length"]),
+        attn_implementation=attn_implementation,
+        health_check=False,
+    )
+    if not tpl.get("add_bos", True):
+        model.template = ChatTemplate(model.tokenizer, role_headers=tpl.get("role_headers"), add_bos=False)
+    got = {"mask_id": model.template.mask_id, "eos_id": model.template.eos_id, "pad_id": model.template.pad_id,
+           "bos_id": model.template.bos_id}
+    wanted = {k: tpl.get(k) for k in got}
+    if got != wanted:
+        raise ConfigError(f"{path}: the tokenizer's special ids {got} do not match {DIFFUSION_CONFIG} {wanted}; "
+                          "the folder's tokenizer files were changed after export")
+    model.diffusion_config = cfg
+    return model.to(map_location).eval()
