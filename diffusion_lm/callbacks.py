@@ -1,0 +1,273 @@
+"""Lightning callbacks: :class:`ValidationSampling` answers fixed prompts at every validation.
+
+The NELBO says how well the model denoises; it does not say whether the answers loop, end too early
+or switch language. ``ValidationSampling`` generates answers for the data module's fixed
+``validation_prompts`` (English and Russian by default) and records, per validation:
+
+* a JSONL row per prompt in ``<log dir>/val_samples.jsonl``: step, prompt, language, answer,
+  repeated 3-gram rate, longest run of one token, answer length, NFE, tokens per forward;
+* a table of the samples as TensorBoard text (when a ``TensorBoardLogger`` is attached; other
+  loggers are skipped);
+* scalar aggregates through ``pl_module.log``: ``val_samples/rep3_<lang>``, ``val_samples/len_<lang>``,
+  ``val_samples/longest_run_<lang>``, ``val_samples/rep3``, ``val_samples/nfe``,
+  ``val_samples/tokens_per_forward``.
+
+Distributed runs: every rank generates the same answers (same prompts, same seed). A sharded model
+(FSDP) needs every rank in each forward pass, and ``trainer.log_dir`` is a broadcast, so nothing that
+may communicate sits inside a rank-0-only branch; only the file and TensorBoard writes are rank 0's.
+Every rank logs the same scalar keys (averaged over ranks; the values agree anyway).
+
+.. code-block:: yaml
+
+    trainer:
+      callbacks:
+        - class_path: diffusion_lm.callbacks.ValidationSampling
+          init_args: {preset: quality, canvas_length: 32, every_n_validations: 1}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+
+from .errors import ConfigError
+from .sampling.commands import build_sampler
+from .sampling.config import SamplerConfig
+from .sampling.metrics import longest_run, repeated_ngram_rate
+
+__all__ = ["ValidationSampling"]
+
+log = logging.getLogger(__name__)
+
+
+class ValidationSampling(Callback):
+    """Generate answers for fixed validation prompts at the end of validation and log them.
+
+    Args:
+        preset: sampler preset (``quality``, the default, ``fast`` or ``greedy``).
+        sampler: a SamplerConfig on top of the preset: a YAML file (``configs/sampler/fast.yaml``),
+            a mapping of fields (``{preset: fast, window: full}``), or (from Python) a :class:`SamplerConfig`.
+        canvas_length: answer slots (default: the model's ``canvas_length``).
+        every_n_validations: sample at the 1st validation and then every n-th (sanity checks don't count).
+        max_prompts: at most this many prompts, taken round-robin over languages (default: all).
+        seed: sampling seed (fixed, so samples of successive validations are comparable).
+        filename: JSONL file in the run's log dir (``trainer.log_dir``, else ``default_root_dir``).
+        prompts: prompts to use instead of the data module's ``validation_prompts``
+            (``ValidationPrompt(text, language)`` objects or ``{text, language}`` mappings).
+        batch_size: prompts decoded together.
+    """
+
+    def __init__(
+        self,
+        preset: Optional[str] = None,
+        sampler: Union[str, dict, None] = None,
+        canvas_length: Optional[int] = None,
+        every_n_validations: int = 1,
+        max_prompts: Optional[int] = None,
+        seed: int = 0,
+        filename: str = "val_samples.jsonl",
+        prompts: Optional[list[dict]] = None,
+        batch_size: int = 16,
+    ) -> None:
+        super().__init__()
+        if every_n_validations < 1:
+            raise ConfigError(f"ValidationSampling.every_n_validations must be >= 1, got {every_n_validations}")
+        if max_prompts is not None and max_prompts < 1:
+            raise ConfigError(f"ValidationSampling.max_prompts must be >= 1 or null, got {max_prompts}")
+        if canvas_length is not None and canvas_length < 1:
+            raise ConfigError(f"ValidationSampling.canvas_length must be >= 1, got {canvas_length}")
+        if batch_size < 1:
+            raise ConfigError(f"ValidationSampling.batch_size must be >= 1, got {batch_size}")
+        self.sampler: SamplerConfig = build_sampler(preset, sampler)
+        self.preset = preset
+        self.canvas_length = canvas_length
+        self.every_n_validations = every_n_validations
+        self.max_prompts = max_prompts
+        self.seed = seed
+        self.filename = filename
+        self.prompts = [self._as_prompt(p) for p in prompts] if prompts is not None else None
+        self.batch_size = batch_size
+        self.validations = 0
+        self.path: Optional[Path] = None
+        self._warned: set[str] = set()
+
+    # ------------------------------------------------------------------------------------ helpers
+    @staticmethod
+    def _as_prompt(p: Any):
+        from .data.datamodule import ValidationPrompt
+
+        if isinstance(p, ValidationPrompt):
+            return p
+        if isinstance(p, dict):
+            return ValidationPrompt(**p)
+        if isinstance(p, str):
+            return ValidationPrompt(p)
+        raise ConfigError(f"ValidationSampling.prompts: expected {{text, language}} mappings, got {type(p).__name__}")
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(message)
+
+    def _select_prompts(self, trainer: pl.Trainer) -> list:
+        prompts = self.prompts
+        if prompts is None:
+            prompts = getattr(getattr(trainer, "datamodule", None), "validation_prompts", None)
+        if prompts is None:
+            from .data.datamodule import DEFAULT_VALIDATION_PROMPTS
+
+            self._warn_once("prompts", "ValidationSampling: the data module has no validation_prompts; "
+                                       "using the default English and Russian prompts")
+            prompts = DEFAULT_VALIDATION_PROMPTS
+        prompts = [self._as_prompt(p) for p in prompts]
+        if self.max_prompts is None or len(prompts) <= self.max_prompts:
+            return prompts
+        by_lang: dict[str, list] = defaultdict(list)
+        for p in prompts:
+            by_lang[p.language].append(p)
+        chosen: list = []
+        while len(chosen) < self.max_prompts:  # round-robin, so every language keeps samples
+            for queue in by_lang.values():
+                if queue and len(chosen) < self.max_prompts:
+                    chosen.append(queue.pop(0))
+        return chosen
+
+    @staticmethod
+    def _log_dir(trainer: pl.Trainer) -> str:
+        # trainer.log_dir broadcasts from rank 0: call it on every rank, never inside a rank-0 branch.
+        return trainer.log_dir or trainer.default_root_dir
+
+    # -------------------------------------------------------------------------------------- hooks
+    def state_dict(self) -> dict[str, Any]:
+        return {"validations": self.validations}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.validations = int(state_dict.get("validations", 0))
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        self.validations += 1
+        if (self.validations - 1) % self.every_n_validations:
+            return
+        self.path = Path(self._log_dir(trainer)) / self.filename
+        rows = self.sample(trainer, pl_module)
+        if not rows:
+            return
+        for key, value in self.aggregate(rows).items():
+            # Every rank logs the same keys (they come from the prompts' languages, not from the
+            # generated text), so the mean over ranks is a safe collective here.
+            pl_module.log(f"val_samples/{key}", value, on_step=False, on_epoch=True, sync_dist=True)
+        if trainer.is_global_zero:
+            self._write_jsonl(rows)
+            self._write_tensorboard(trainer, rows)
+
+    # ---------------------------------------------------------------------------------- the work
+    def sample(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[dict]:
+        """Generate the answers and return one row per prompt (no logging)."""
+        prompts = self._select_prompts(trainer)
+        canvas = self.canvas_length or int(pl_module.hparams.canvas_length)
+        limit = int(pl_module.max_length)
+        kept, convs = [], []
+        for p in prompts:
+            conv = p.conversation()
+            n = len(pl_module.prompt_ids(conv))
+            if n + canvas > limit:
+                self._warn_once(f"long:{p.text}", f"ValidationSampling: skipping the prompt {p.text[:40]!r}: {n} tokens "
+                                                  f"+ canvas {canvas} > the model's {limit} positions")
+                continue
+            kept.append(p)
+            convs.append(conv)
+        if not kept:
+            return []
+        from .sampling.generate import generate
+
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            tpl = pl_module.template
+            result = generate(
+                pl_module.denoise, [pl_module.prompt_ids(c) for c in convs], mask_id=tpl.mask_id, eos_id=tpl.eos_id,
+                pad_id=tpl.pad_id, canvas_length=canvas, sampler=self.sampler, seed=self.seed,
+                max_batch_size=self.batch_size, max_length=limit,
+            )
+        finally:
+            pl_module.train(was_training)
+        rows = []
+        for p, ids, stats in zip(kept, result.ids, result.row_stats):
+            rows.append({
+                "step": int(trainer.global_step),
+                "epoch": int(trainer.current_epoch),
+                "prompt": p.text,
+                "language": p.language,
+                "answer": tpl.decode_answer(ids),
+                "rep3": round(repeated_ngram_rate(ids, 3), 6),
+                "longest_run": longest_run(ids),
+                "length": len(ids),
+                "nfe": stats.nfe,
+                "tokens": stats.tokens,
+                "tokens_per_forward": round(stats.tokens_per_forward, 6),
+                "seconds": round(stats.seconds, 4),
+            })
+        return rows
+
+    @staticmethod
+    def aggregate(rows: Sequence[dict]) -> dict[str, float]:
+        """Scalars: per language mean rep3 / length / longest run; overall rep3, NFE per answer and
+        tokens per forward (total committed tokens over total row forwards)."""
+        out: dict[str, float] = {}
+        by_lang: dict[str, list[dict]] = defaultdict(list)
+        for r in rows:
+            by_lang[r["language"]].append(r)
+        for lang, group in sorted(by_lang.items()):
+            n = len(group)
+            out[f"rep3_{lang}"] = sum(r["rep3"] for r in group) / n
+            out[f"len_{lang}"] = sum(r["length"] for r in group) / n
+            out[f"longest_run_{lang}"] = sum(r["longest_run"] for r in group) / n
+        n = len(rows)
+        out["rep3"] = sum(r["rep3"] for r in rows) / n
+        out["nfe"] = sum(r["nfe"] for r in rows) / n
+        forwards = sum(r["nfe"] for r in rows)
+        out["tokens_per_forward"] = sum(r["tokens"] for r in rows) / forwards if forwards else 0.0
+        return out
+
+    def _write_jsonl(self, rows: Sequence[dict]) -> None:
+        assert self.path is not None
+        os.makedirs(self.path.parent, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    @staticmethod
+    def table(rows: Sequence[dict]) -> str:
+        """The samples as a Markdown table (TensorBoard renders it)."""
+
+        def cell(value: Any) -> str:
+            return str(value).replace("|", "\\|").replace("\n", "<br>") or " "
+
+        lines = ["| lang | prompt | answer | rep3 | run | len | nfe | tok/fwd |", "|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {cell(r['language'])} | {cell(r['prompt'])} | {cell(r['answer'])} | {r['rep3']:.2f} | "
+                         f"{r['longest_run']} | {r['length']} | {r['nfe']} | {r['tokens_per_forward']:.2f} |")
+        return "\n".join(lines)
+
+    def _write_tensorboard(self, trainer: pl.Trainer, rows: Sequence[dict]) -> None:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if not loggers:
+            return  # another logger (or none): the JSONL file and the scalars still record the samples
+        text = self.table(rows)
+        for logger in loggers:
+            try:
+                logger.experiment.add_text("val_samples", text, global_step=int(trainer.global_step))
+            except Exception as err:  # a logger problem must not stop training
+                self._warn_once("tensorboard", f"ValidationSampling: could not write TensorBoard text: {err}")

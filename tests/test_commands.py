@@ -1,0 +1,273 @@
+"""`diffusion-lm generate | infill | chat` on a tiny model trained for a few steps through the CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+
+import pytest
+import yaml
+
+from diffusion_lm.cli import main, repeatable_lists
+from diffusion_lm.errors import ConfigError
+from diffusion_lm.sampling import PRESETS, SamplerConfig
+from diffusion_lm.sampling.commands import (
+    ChatSession,
+    build_sampler,
+    generate_command,
+    infill_texts,
+    load_for_inference,
+)
+from diffusion_lm.sampling.policies import BlockWindow, SampleProposer, ScheduleSelector, ThresholdSelector
+
+from .conftest import DIALOGS, REPO, tiny_cli_args
+
+MAX_POSITIONS = 128  # TINY's max_position_embeddings
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> str:
+    """One tiny model, trained for 3 steps by `diffusion-lm fit`, shared by every test here."""
+    root = tmp_path_factory.mktemp("commands_run")
+    data = root / "dialogs.jsonl"
+    data.write_text("\n".join(json.dumps(d, ensure_ascii=False) for d in DIALOGS) + "\n", encoding="utf-8")
+    main(["fit"] + tiny_cli_args(root, data, "--model.health_check=false"))
+    ckpts = sorted(root.rglob("*.ckpt"))
+    assert ckpts, "fit wrote no checkpoint"
+    return str(ckpts[-1])
+
+
+@pytest.fixture(scope="module")
+def model(ckpt):
+    return load_for_inference(ckpt, "cpu")
+
+
+@pytest.fixture(scope="module")
+def no_eos(model) -> str:
+    """An inline --sampler: `fast` with EOS suppressed, so the untrained model's answers are not empty."""
+    return "{preset: fast, suppress_tokens: [%d]}" % model.template.eos_id
+
+
+def _error(args, capsys) -> str:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("diffusion-lm: error: "), err
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------------------ generate
+def test_generate_prompts_print_answers_and_stats(ckpt, no_eos, capsys):
+    main(["generate", "--model", ckpt, "--prompt", "Hello there", "--prompt", "Как дела?", "--sampler", no_eos,
+          "--canvas_length", "8", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert ">>> Hello there" in out and ">>> Как дела?" in out
+    assert out.count("tokens/forward") == 2 and "[nfe " in out
+
+
+def test_generate_jsonl_input_writes_answers_and_stats(ckpt, no_eos, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in [
+        {"id": "a", "prompt": "Hello there"},
+        {"prompt": "Что нового?", "language": "ru"},
+        {"id": "c", "messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "Four."},
+                                 {"role": "user", "content": "And 3+3?"}]},
+    ]) + "\n\n", encoding="utf-8")
+    out1, out2 = tmp_path / "batched.jsonl", tmp_path / "single.jsonl"
+    common = ["generate", "--model", ckpt, "--input", str(prompts), "--sampler", no_eos, "--canvas_length", "10"]
+    main(common + ["--output", str(out1), "--batch_size", "3", "--trajectory", str(tmp_path / "t.html")])
+    main(common + ["--output", str(out2), "--batch_size", "1"])
+    rows = [json.loads(line) for line in out1.read_text(encoding="utf-8").splitlines()]
+    assert [r["id"] for r in rows] == ["a", 1, "c"]
+    assert [r["prompt"] for r in rows] == ["Hello there", "Что нового?", "And 3+3?"]
+    assert "language" not in rows[0] and rows[1]["language"] == "ru"
+    for r in rows:
+        assert isinstance(r["answer"], str) and r["answer"]
+        assert set(r["stats"]) == {"nfe", "tokens", "tokens_per_forward", "seconds"}
+        assert 1 <= r["stats"]["nfe"] <= 10 and r["stats"]["tokens"] == 10
+        assert r["stats"]["tokens_per_forward"] == pytest.approx(10 / r["stats"]["nfe"], rel=1e-3)
+    # batching does not change answers (per-row seeds)
+    single = [json.loads(line) for line in out2.read_text(encoding="utf-8").splitlines()]
+    assert [r["answer"] for r in single] == [r["answer"] for r in rows]
+    page = (tmp_path / "t.html").read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>") and "And 3+3?" in page
+    assert "wrote" in capsys.readouterr().err
+
+
+def test_sampler_presets_yaml_files_and_flags(ckpt, tmp_path, capsys):
+    for name in PRESETS:
+        path = REPO / "configs" / "sampler" / f"{name}.yaml"
+        assert SamplerConfig.from_dict(yaml.safe_load(path.read_text(encoding="utf-8"))) == SamplerConfig.preset(name)
+        assert build_sampler(sampler=str(path)) == SamplerConfig.preset(name)
+    assert build_sampler() == SamplerConfig.preset("quality")
+    assert build_sampler("fast", "{window: full}").window.name == "full"
+    config = build_sampler("fast", steps=6, block_size=8, temperature=0.5, top_p=0.8)
+    assert config.selector == ScheduleSelector(steps=6) and config.window == BlockWindow(8)
+    assert config.proposer == SampleProposer(temperature=0.5, top_p=0.8)
+    assert build_sampler("quality", threshold=0.7).selector == ThresholdSelector(0.7)
+    assert build_sampler("quality", top_k=5).proposer == SampleProposer(temperature=0.7, top_p=0.9, top_k=5)
+    # the file works through the CLI too
+    main(["generate", "--model", ckpt, "--prompt", "Hello", "--sampler", "configs/sampler/fast.yaml",
+          "--canvas_length", "4"])
+    assert ">>> Hello" in capsys.readouterr().out
+
+
+def test_repeated_list_flags_keep_literal_strings():
+    argv = ["--model", "m", "--prompt", "null", "--prompt=- item", "--seed", "1", "--prompt", "[1, 2]"]
+    out = repeatable_lists(generate_command, argv)
+    assert out == ["--model", "m", "--prompt", json.dumps(["null", "- item", "[1, 2]"]), "--seed", "1"]
+
+
+# -------------------------------------------------------------------------------------------- infill
+def test_infill_leaves_unmasked_tokens_untouched(model):
+    texts = ["def add(a, b):\n    [[MASK:6]]\n    return c",
+             "The first paragraph ends here. [[MASK:5]] The second one starts here.",
+             "I like [[MASK]] very much, and [[MASK:2]] too."]
+    outputs, _ = infill_texts(model, texts, sampler=SamplerConfig.preset("fast"), default_slots=3)
+    mask = model.template.mask_id
+    for text, o in zip(texts, outputs):
+        holes = {p for hole in o.holes for p in hole}
+        assert sum(len(h) for h in o.holes) == o.input_ids.count(mask) == len(holes)
+        assert [o.output_ids[i] for i in range(len(o.input_ids)) if i not in holes] == \
+            [t for i, t in enumerate(o.input_ids) if i not in holes]
+        assert all(o.output_ids[i] != mask for i in holes)
+        head, tail = text.split("[[")[0], text.rsplit("]]", 1)[1]
+        assert o.filled.startswith(head) and o.filled.endswith(tail)
+    # the text outside the holes is its own tokens, in order: BOS, pieces, EOS
+    tpl = model.template
+    assert outputs[0].input_ids[:1] == [tpl.bos_id] and outputs[0].input_ids[-1] == tpl.eos_id
+    assert outputs[0].input_ids[1:1 + len(tpl.encode_text("def add(a, b):\n    "))] == tpl.encode_text("def add(a, b):\n    ")
+    # re-generating a span of an answer: the chat prompt comes first and stays untouched
+    outputs, _ = infill_texts(model, ["Four, [[MASK:3]]."], prompt="What is 2+2?", sampler="greedy")
+    from diffusion_lm.data import Turn
+
+    prompt_ids = tpl.prompt_ids([Turn("user", "What is 2+2?")])
+    assert outputs[0].output_ids[:len(prompt_ids)] == prompt_ids
+
+
+def test_infill_command_prints_and_writes(ckpt, tmp_path, capsys):
+    main(["infill", "--model", ckpt, "--text", r"def add(a, b):\n    [[MASK:6]]\n    return c", "--preset", "fast"])
+    out = capsys.readouterr().out
+    assert out.startswith("def add(a, b):\n    ") and out.endswith("\n    return c\n")
+    source = tmp_path / "texts.jsonl"
+    source.write_text(json.dumps({"id": "x", "text": "Paragraph one. [[MASK:4]] Paragraph two."}) + "\n", encoding="utf-8")
+    main(["infill", "--model", ckpt, "--input", str(source), "--output", str(tmp_path / "out.jsonl")])
+    row = json.loads((tmp_path / "out.jsonl").read_text(encoding="utf-8"))
+    assert row["id"] == "x" and row["filled"].startswith("Paragraph one. ") and row["filled"].endswith(" Paragraph two.")
+    assert len(row["fills"]) == 1 and row["stats"]["nfe"] >= 1
+
+
+# ---------------------------------------------------------------------------------------------- chat
+def test_chat_piped_stdin_keeps_the_conversation(ckpt, no_eos, tmp_path, capsys, monkeypatch):
+    transcript = tmp_path / "chat.jsonl"
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there\n\nAnd you?\n/reset\nКак дела?\n/quit\nnot read\n"))
+    main(["chat", "--model", ckpt, "--sampler", no_eos, "--canvas_length", "6", "--transcript", str(transcript)])
+    captured = capsys.readouterr()
+    answers = captured.out.splitlines()
+    assert len(answers) == 3 and all(answers)
+    assert "conversation reset" in captured.err
+    rows = [json.loads(line) for line in transcript.read_text(encoding="utf-8").splitlines()]
+    assert [r["turn"] for r in rows] == [1, 2, 3] and [r["answer"] for r in rows] == answers
+    assert rows[0]["messages"] == [{"role": "user", "content": "Hello there"}]
+    # the second prompt holds the first exchange
+    assert rows[1]["messages"] == [{"role": "user", "content": "Hello there"},
+                                   {"role": "assistant", "content": answers[0]},
+                                   {"role": "user", "content": "And you?"}]
+    assert rows[2]["messages"] == [{"role": "user", "content": "Как дела?"}]  # after /reset
+
+
+def test_chat_session_prompt_ids_and_context_trimming(model):
+    tpl = model.template
+    session = ChatSession(model, build_sampler(sampler={"preset": "fast", "suppress_tokens": [tpl.eos_id]}),
+                          canvas_length=8, system="Be brief.")
+    first = session.ask("Hello there")
+    second = session.ask("And you?")
+    ids1, ids2 = tpl.prompt_ids(first.context), tpl.prompt_ids(second.context)
+    assert ids2[:len(ids1)] == ids1  # the first prompt is a prefix of the second ...
+    answer_ids = tpl.encode_text(first.answer) + [tpl.eos_id]
+    assert ids2[len(ids1):len(ids1) + len(answer_ids)] == answer_ids  # ... followed by the first answer
+    assert second.context[0].role == "system"
+    # a long conversation drops its oldest exchanges instead of failing
+    for k in range(12):
+        reply = session.ask("tell me more about " + "things " * 6)
+    assert reply.dropped >= 1 and reply.context[0].role == "system"
+    assert len(tpl.prompt_ids(reply.context)) + 8 <= MAX_POSITIONS
+    with pytest.raises(ConfigError, match="shorter message"):
+        session.ask("word " * 200)
+
+
+# -------------------------------------------------------------------------------------------- errors
+@pytest.mark.parametrize("command, extra, expected", [
+    ("generate", ["--prompt", "word " * 150, "--canvas_length", "16"], "prompt 1 'word word"),
+    ("generate", ["--prompt", "hi", "--canvas_length", "0"], "--canvas_length must be >= 1"),
+    ("generate", ["--prompt", "hi", "--steps", "-2"], "--steps must be >= 1"),
+    ("generate", ["--prompt", "hi", "--preset", "turbo"], "unknown sampler preset 'turbo'"),
+    ("generate", ["--prompt", "hi", "--sampler", "{window: wide}"], "unknown window 'wide'; valid names: full, block"),
+    ("generate", ["--prompt", "hi", "--sampler", "{proposer: {name: nucleus}}"], "unknown proposer 'nucleus'"),
+    ("generate", [], "no prompts"),
+    ("generate", ["--prompt", "  "], "--prompt number 1 is empty"),
+    ("infill", ["--text", "a [[MASK b"], "unclosed '[['"),
+    ("infill", ["--text", "a [[MASK:0]] b"], "invalid slot count '0'"),
+    ("infill", ["--text", "a [[HOLE]] b"], "unknown span '[[HOLE]]'"),
+    ("infill", ["--text", "no holes"], "has no hole to fill"),
+    ("chat", ["--canvas_length", "-1"], "--canvas_length must be >= 1"),
+])
+def test_bad_inputs_are_one_line_errors(ckpt, capsys, command, extra, expected):
+    line = _error([command, "--model", ckpt] + extra, capsys)
+    assert expected in line
+
+
+def test_prompt_too_long_names_prompt_lengths_and_fix(ckpt, capsys):
+    line = _error(["generate", "--model", ckpt, "--prompt", "short", "--prompt", "word " * 150,
+                   "--canvas_length", "16"], capsys)
+    assert "prompt 2" in line and f"limit of {MAX_POSITIONS} positions" in line
+    assert "--canvas_length" in line and "shorten the prompt" in line
+
+
+def test_missing_model_and_empty_input(tmp_path, capsys):
+    line = _error(["generate", "--model", str(tmp_path / "nope.ckpt"), "--prompt", "hi"], capsys)
+    assert "nope.ckpt" in line and "no such checkpoint file or export folder" in line
+    line = _error(["chat", "--model", str(tmp_path / "missing")], capsys)
+    assert "no such checkpoint" in line
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n", encoding="utf-8")
+    assert "holds no prompts" in _error(["generate", "--model", "x.ckpt", "--input", str(empty)], capsys)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "no prompt key"}\n', encoding="utf-8")
+    assert "line 1" in _error(["generate", "--model", "x.ckpt", "--input", str(bad)], capsys)
+    assert "no such file" in _error(["generate", "--model", "x.ckpt", "--input", str(tmp_path / "none.jsonl")], capsys)
+    empty_text = tmp_path / "empty.txt"
+    empty_text.write_text("  \n", encoding="utf-8")
+    assert "is empty" in _error(["infill", "--model", "x.ckpt", "--input", str(empty_text)], capsys)
+    assert "--steps (fixed" in _error(["generate", "--model", "x.ckpt", "--prompt", "hi", "--steps", "4",
+                                       "--threshold", "0.8"], capsys)
+
+
+def test_generate_from_export_folder_matches_checkpoint(ckpt, tmp_path, capsys):
+    from diffusion_lm.export import export_checkpoint
+
+    folder = export_checkpoint(ckpt, tmp_path / "export", verify=False)
+    args = ["--prompt", "Hello there", "--preset", "greedy", "--canvas_length", "6", "--output"]
+    main(["generate", "--model", ckpt] + args + [str(tmp_path / "a.jsonl")])
+    main(["generate", "--model", str(folder)] + args + [str(tmp_path / "b.jsonl")])
+    a, b = (json.loads((tmp_path / f).read_text(encoding="utf-8")) for f in ("a.jsonl", "b.jsonl"))
+    assert a["answer"] == b["answer"] and a["stats"]["nfe"] == b["stats"]["nfe"]
+
+
+def test_bench_sample_smoke(ckpt, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_sample", REPO / "tools" / "bench_sample.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    report = bench.main(["--model", ckpt, "--canvas", "6", "--repeats", "1", "--batch-sizes", "1", "3",
+                         "--variants", "naive", "fast"])
+    naive, fast = report["results"]["batch_3"]["naive"], report["results"]["batch_3"]["fast"]
+    assert naive["forwards_per_answer"] == 6 and naive["tokens_per_forward"] == 1.0
+    assert fast["forwards_per_answer"] <= 6 and fast["speedup_vs_naive"] > 0
+    assert json.loads(capsys.readouterr().out)["canvas_length"] == 6
