@@ -123,11 +123,15 @@ class EosPolicy(LogitsProcessor):
         frontier = torch.where(after, pos, torch.full_like(pos, w + 1)).min(dim=1).values
         has_eos = (committed & (ctx.ids == eos)).any(dim=1)
 
+        log_z = logits.logsumexp(dim=-1)
         end_logit = logits[:, eos]
+        # Off the frontier only EOS's own probability counts: a confident pad deep in the tail says
+        # "the answer ended somewhere before here", not "it ends here"; placing EOS there would force
+        # content into every slot before it.
+        p_eos = (end_logit - log_z).exp()
         if self.ban_pad and pad != eos:
-            # Filler and EOS both say "the answer has ended": where EOS is allowed it carries both masses.
+            # At the frontier filler and EOS both say "the answer has ended": EOS carries both masses.
             end_logit = torch.logaddexp(end_logit, logits[:, pad])
-        p_eos = (end_logit - logits.logsumexp(dim=-1)).exp()
         allowed = (ctx.q_pos == frontier[ctx.q_rows]) | (p_eos >= self.eos_threshold)
         allowed &= ~has_eos[ctx.q_rows]
         logits[:, eos] = torch.where(allowed, end_logit, torch.full_like(p_eos, float("-inf")))
