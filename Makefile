@@ -22,8 +22,8 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/diffusion-lm fit --config configs/demo.yaml
 	$(VENV)/bin/diffusion-lm generate --model runs/demo/last.ckpt --preset quality \
-		--prompt "Hello, how are you?" --prompt "What is your favorite book?" \
-		--prompt "Привет! Как дела?" --prompt "Что ты любишь есть?"
+		--prompt "Hello" --prompt "How are you doing?" --prompt "What are your interests" --prompt "do you drink" \
+		--prompt "Привет!" --prompt "Как дела?" --prompt "Ты пьешь?" --prompt "Биржа"
 
 test: $(STAMP)
 	$(PY) -m pytest
