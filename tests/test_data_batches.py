@@ -22,6 +22,7 @@ from diffusion_lm.data import (
 )
 
 from .conftest import DIALOGS, TINY
+from .families import make_family
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +38,14 @@ def _answer_start(row_loss_mask: torch.Tensor) -> int:
     return int(row_loss_mask.nonzero()[0])
 
 
-def test_sampler_prompt_is_the_training_prefix(tmp_path, messages_jsonl):
-    """What MaskedDiffusionLM.prompt_ids gives the sampler is exactly what training put before the answer."""
-    model = MaskedDiffusionLM(ScratchBackbone(**TINY), warmup_steps=0)
-    data = DialogDataModule([DataSource(str(messages_jsonl), val_size=0)], batch_size=32, max_length=96,
-                            canvas=CanvasPolicy(length=16), train_turns="all", cache_dir=str(tmp_path / "cache"))
+@pytest.mark.parametrize("family", ["demo", "mmbert", "t5"])
+def test_sampler_prompt_is_the_training_prefix(tmp_path, messages_jsonl, family):
+    """What MaskedDiffusionLM.prompt_ids gives the sampler is exactly what training put before the answer,
+    for the ModernBERT-style demo tokenizer, the Gemma tokenizer (mmBERT) and a T5 tokenizer given a mask."""
+    backbone = ScratchBackbone(**TINY) if family == "demo" else str(make_family(family, tmp_path / family))
+    model = MaskedDiffusionLM(backbone, warmup_steps=0, health_check=False)
+    data = DialogDataModule([DataSource(str(messages_jsonl), val_size=0)], batch_size=32, max_length=128,
+                            canvas=CanvasPolicy(length=32), train_turns="all", cache_dir=str(tmp_path / "cache"))
     batches = []
 
     class Capture(pl.Callback):
