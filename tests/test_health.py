@@ -161,6 +161,20 @@ def test_check_can_be_switched_off_or_configured(folders, data_file, tmp_path):
     assert trainer.global_step == 0
 
 
+def test_models_built_from_a_config_get_no_automatic_check(data_file, tmp_path):
+    # A scratch model's head is random by construction: the default check would only warn about that.
+    from diffusion_lm import ScratchBackbone
+
+    from .conftest import TINY
+
+    model = MaskedDiffusionLM(ScratchBackbone(**TINY), warmup_steps=0)
+    trainer = _trainer(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MLMHealthWarning)
+        trainer.fit(model, _data(data_file))
+    assert not any(isinstance(cb, MLMHealthCheck) for cb in trainer.callbacks)
+
+
 def test_check_is_skipped_when_resuming(folders, data_file, tmp_path):
     model = MaskedDiffusionLM(str(folders["trained"]), warmup_steps=0, health_check=False)
     _trainer(tmp_path, enable_checkpointing=True).fit(model, _data(data_file))
