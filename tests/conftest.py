@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusion_lm.backbone import ScratchBackbone
+from diffusion_lm.backbone import DEMO_TOKENIZER, ScratchBackbone, load_tokenizer
+from diffusion_lm.data import ChatTemplate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,11 +37,21 @@ DIALOGS = [
 ] * 8
 
 
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    """Write ``rows`` as UTF-8 JSON lines (non-ASCII kept as is, as real dataset dumps are)."""
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
 @pytest.fixture
 def messages_jsonl(tmp_path) -> Path:
-    path = tmp_path / "dialogs.jsonl"
-    path.write_text("\n".join(json.dumps(d, ensure_ascii=False) for d in DIALOGS) + "\n", encoding="utf-8")
-    return path
+    return write_jsonl(tmp_path / "dialogs.jsonl", DIALOGS)
+
+
+@pytest.fixture(scope="session")
+def template() -> ChatTemplate:
+    """The chat template of the bundled demo tokenizer."""
+    return ChatTemplate(load_tokenizer(DEMO_TOKENIZER))
 
 
 def tiny_cli_args(root: Path, data_file: Path, *extra: str) -> list[str]:

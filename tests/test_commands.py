@@ -21,7 +21,7 @@ from diffusion_lm.sampling.commands import (
 )
 from diffusion_lm.sampling.policies import BlockWindow, SampleProposer, ScheduleSelector, ThresholdSelector
 
-from .conftest import DIALOGS, REPO, tiny_cli_args
+from .conftest import DIALOGS, REPO, tiny_cli_args, write_jsonl
 
 MAX_POSITIONS = 128  # TINY's max_position_embeddings
 
@@ -31,7 +31,7 @@ def ckpt(tmp_path_factory) -> str:
     """One tiny model, trained for 3 steps by `diffusion-lm fit`, shared by every test here."""
     root = tmp_path_factory.mktemp("commands_run")
     data = root / "dialogs.jsonl"
-    data.write_text("\n".join(json.dumps(d, ensure_ascii=False) for d in DIALOGS) + "\n", encoding="utf-8")
+    write_jsonl(data, DIALOGS)
     main(["fit"] + tiny_cli_args(root, data, "--model.health_check=false"))
     ckpts = sorted(root.rglob("*.ckpt"))
     assert ckpts, "fit wrote no checkpoint"

@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from diffusion_lm import MaskedDiffusionLM, ScratchBackbone
-from diffusion_lm.backbone import DEMO_TOKENIZER, load_tokenizer
+from diffusion_lm.backbone import DEMO_TOKENIZER
 from diffusion_lm.data import (
     CanvasPolicy,
-    ChatTemplate,
     Conversation,
     DataSource,
     DialogDataModule,
@@ -24,10 +23,6 @@ from diffusion_lm.data import (
 from .conftest import DIALOGS, TINY
 from .families import make_family
 
-
-@pytest.fixture(scope="module")
-def template() -> ChatTemplate:
-    return ChatTemplate(load_tokenizer(DEMO_TOKENIZER))
 
 
 def _turns(record: dict) -> list[Turn]:

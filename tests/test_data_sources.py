@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from diffusion_lm.backbone import DEMO_TOKENIZER, load_tokenizer
+from diffusion_lm.backbone import DEMO_TOKENIZER
 from diffusion_lm.data import (
     SKIP_REASONS,
     BadRecordError,
@@ -29,15 +29,8 @@ from diffusion_lm.data import (
 from diffusion_lm.data.conversation import BadRecord
 from diffusion_lm.errors import ConfigError
 
+from .conftest import write_jsonl
 
-@pytest.fixture(scope="module")
-def template() -> ChatTemplate:
-    return ChatTemplate(load_tokenizer(DEMO_TOKENIZER))
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 def _hub_folder(root: Path, name: str, splits: dict[str, list[dict]]) -> Path:
@@ -104,7 +97,7 @@ def test_hub_layout_folders_get_the_dataset_card_defaults(tmp_path, template):
 
 def test_messages_files_jsonl_json_and_parquet(tmp_path, template):
     rows = TULU_ROWS
-    jsonl = _write_jsonl(tmp_path / "chat.jsonl", rows)
+    jsonl = write_jsonl(tmp_path / "chat.jsonl", rows)
     array_json = tmp_path / "chat.json"
     array_json.write_text(json.dumps(rows), encoding="utf-8")
     nested_json = tmp_path / "nested.json"
@@ -121,12 +114,12 @@ def test_messages_files_jsonl_json_and_parquet(tmp_path, template):
 
 
 def test_sharegpt_and_custom_keys(tmp_path, template):
-    sharegpt = _write_jsonl(tmp_path / "sharegpt.jsonl", [
+    sharegpt = write_jsonl(tmp_path / "sharegpt.jsonl", [
         {"id": "1", "conversations": [{"from": "system", "value": "Be nice."}, {"from": "human", "value": "Hi!"},
                                       {"from": "gpt", "value": "Hello, friend."}]},
         {"id": "2", "conversations": [{"from": "human", "value": "Привет"}, {"from": "gpt", "value": "Здравствуй."}]},
     ])
-    custom = _write_jsonl(tmp_path / "custom.jsonl", [
+    custom = write_jsonl(tmp_path / "custom.jsonl", [
         {"dialog": [{"speaker": "client", "text": "Open the door."}, {"speaker": "ai", "text": "Done."}]},
     ])
     dm = _dm([DataSource(str(sharegpt), format="sharegpt", val_size=0),
@@ -156,7 +149,7 @@ def test_source_system_prompt_is_added_where_a_dialog_has_none(template):
 
 def test_prompt_response_jsonl_and_csv(tmp_path, template):
     rows = [{"instruction": "Say hi", "output": "Hi!", "sys": "Be warm."}, {"instruction": "Say bye", "output": "Bye!", "sys": ""}]
-    jsonl = _write_jsonl(tmp_path / "pr.jsonl", rows)
+    jsonl = write_jsonl(tmp_path / "pr.jsonl", rows)
     csv = tmp_path / "pr.csv"
     csv.write_text("instruction,output,sys\nSay hi,Hi!,Be warm.\nSay bye,Bye!,\n", encoding="utf-8")
     for path in (jsonl, csv):
@@ -204,7 +197,7 @@ GOOD = {"messages": [{"role": "user", "content": "Hello"}, {"role": "assistant",
 
 def test_bad_records_are_counted_per_reason(tmp_path, caplog):
     rows = [GOOD] * 4 + [row for _, row in BAD_ROWS] + [GOOD] * 2
-    path = _write_jsonl(tmp_path / "bad.jsonl", rows)
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
     dm = _dm([DataSource(str(path), val_size=0)], tmp_path)
     with caplog.at_level("WARNING", logger="diffusion_lm.data.datamodule"):
         dm.setup("fit")
@@ -260,7 +253,7 @@ def test_unexpected_errors_are_counted_not_fatal(template, monkeypatch):
 
 def test_strict_mode_names_source_split_and_record_index(tmp_path):
     rows = [GOOD] * 5 + [BAD_ROWS[3][1]] + [GOOD] * 4
-    path = _write_jsonl(tmp_path / "strict.jsonl", rows)
+    path = write_jsonl(tmp_path / "strict.jsonl", rows)
     dm = _dm([DataSource(str(path), val_size=0)], tmp_path, strict=True)
     with pytest.raises(BadRecordError) as info:
         dm.setup("fit")

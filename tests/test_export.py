@@ -20,7 +20,7 @@ from diffusion_lm.data import CanvasPolicy
 from diffusion_lm.export import export_checkpoint, export_model, read_diffusion_config
 from diffusion_lm.sampling import SamplerConfig
 
-from .conftest import DIALOGS
+from .conftest import DIALOGS, write_jsonl
 from .families import FAMILY_NAMES, make_family
 
 PROMPTS = ["Hello there", "Как дела?"]
@@ -45,9 +45,7 @@ def _fit(folder: Path, data_file: Path, root: Path, callbacks=(), steps: int = 3
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "dialogs.jsonl"
-    path.write_text("\n".join(json.dumps(d, ensure_ascii=False) for d in DIALOGS) + "\n", encoding="utf-8")
-    return path
+    return write_jsonl(tmp_path_factory.mktemp("data") / "dialogs.jsonl", DIALOGS)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import itertools
-import json
 import warnings
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from diffusion_lm.data import CanvasPolicy, ChatTemplate
 from diffusion_lm.health import MLMHealthCheck, MLMHealthError, MLMHealthWarning, mlm_health
 from diffusion_lm.objective import apply_noise
 
+from .conftest import write_jsonl
 from .families import make_family
 
 # Each prompt has exactly one answer, repeated: a tiny MLM learns it in a few seconds.
@@ -57,9 +57,7 @@ def _check(model, tokenizer, template, batches, **kwargs):
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "repetitive.jsonl"
-    path.write_text("\n".join(json.dumps(d, ensure_ascii=False) for d in REPETITIVE) + "\n", encoding="utf-8")
-    return path
+    return write_jsonl(tmp_path_factory.mktemp("data") / "repetitive.jsonl", REPETITIVE)
 
 
 @pytest.fixture(scope="module")
