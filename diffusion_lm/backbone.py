@@ -4,7 +4,7 @@ A backbone is a Hugging Face masked-LM (``AutoModelForMaskedLM``) from the hub, 
 :class:`ScratchBackbone` config (a model built from scratch, for the demo and tests). The
 :class:`Backbone` module splits it into the encoder body and the LM head so the head runs only on
 the hidden states of the positions being scored: full-vocabulary logits everywhere would cost
-~3 GB per fp32 copy at L=1024 for mmBERT's 256k vocabulary (PITFALLS: dLLM, MDLM).
+~3 GB per fp32 copy at L=1024 for mmBERT's 256k vocabulary (dLLM and MDLM do).
 
 Families (see ``docs/models.md``):
 
@@ -41,6 +41,7 @@ __all__ = [
     "ScratchBackbone",
     "Backbone",
     "BackboneSpec",
+    "PACKING_ATTENTION",
     "DEMO_TOKENIZER",
     "FAMILIES",
     "Family",
@@ -49,6 +50,7 @@ __all__ = [
     "load_backbone",
     "load_tokenizer",
     "resolve_attn_implementation",
+    "segment_positions",
 ]
 
 log = logging.getLogger(__name__)
@@ -181,11 +183,14 @@ AutoModelForMaskedLM.register(T5Config, T5EncoderForMaskedLM, exist_ok=True)
 
 
 # ----------------------------------------------------------------------------- families (body / head split)
-def _base_body(m: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    return m.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+def _base_body(m: nn.Module, input_ids: torch.Tensor, attention_mask: Any, position_ids=None) -> torch.Tensor:
+    extra = {"position_ids": position_ids} if position_ids is not None else {}
+    return m.base_model(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
 
 
-def _t5_body(m: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def _t5_body(m: nn.Module, input_ids: torch.Tensor, attention_mask: Any, position_ids=None) -> torch.Tensor:
+    # T5's relative position bias is computed from in-row distances: inside a segment they are the
+    # segment's own, so packed rows need no position ids.
     return m.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
@@ -205,31 +210,81 @@ def _distilbert_head(m: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return m.vocab_projector(m.vocab_layer_norm(m.activation(m.vocab_transform(h))))
 
 
+def _no_offset(m: nn.Module) -> int:
+    return 0
+
+
+def _roberta_offset(m: nn.Module) -> int:
+    # RoBERTa-style embeddings number positions from padding_idx + 1 (fairseq's convention).
+    return int(m.config.pad_token_id) + 1
+
+
+def segment_positions(segments: torch.Tensor) -> torch.Tensor:
+    """``[B, L]`` position of every token inside its segment (0 at each segment's first token)."""
+    b, length = segments.shape
+    pos = torch.arange(length, device=segments.device).expand(b, length)
+    start = torch.ones_like(segments, dtype=torch.bool)
+    start[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    return pos - torch.where(start, pos, torch.zeros_like(pos)).cummax(dim=1).values
+
+
+def _segment_mask(m: nn.Module, segments: torch.Tensor) -> Any:
+    """A 4D bidirectional mask in which a token sees only tokens of its own segment, in the format
+    the model's attention implementation takes (built by transformers' own mask utilities)."""
+    from transformers.masking_utils import create_bidirectional_mask, packed_sequence_mask_function
+
+    embeds = torch.empty(*segments.shape, 0, dtype=m.get_input_embeddings().weight.dtype, device=segments.device)
+    return create_bidirectional_mask(
+        config=m.config, inputs_embeds=embeds, attention_mask=None,
+        and_mask_function=packed_sequence_mask_function(segments),
+    )
+
+
+def _modernbert_segment_mask(m: nn.Module, segments: torch.Tensor) -> Any:
+    """ModernBERT alternates global and sliding-window layers: one segment mask per layer type."""
+    from transformers.masking_utils import create_bidirectional_sliding_window_mask, packed_sequence_mask_function
+
+    embeds = torch.empty(*segments.shape, 0, dtype=m.get_input_embeddings().weight.dtype, device=segments.device)
+    return {
+        "full_attention": _segment_mask(m, segments),
+        "sliding_attention": create_bidirectional_sliding_window_mask(
+            config=m.config, inputs_embeds=embeds, attention_mask=None,
+            and_mask_function=packed_sequence_mask_function(segments),
+        ),
+    }
+
+
 @dataclass(frozen=True)
 class Family:
     """How one architecture splits into body and LM head.
 
     Attributes:
-        body: ``(model, input_ids, attention_mask) -> last hidden states [B, L, H]``.
+        body: ``(model, input_ids, attention_mask, position_ids=None) -> last hidden states [B, L, H]``.
         head: ``(model, hidden [N, H]) -> logits [N, V]`` (the pretrained MLM head).
         head_prefixes: parameter-name prefixes of the head; if a checkpoint lacks them the head is
             freshly initialised (the model has no MLM ability yet, and the loader says so).
+        segment_mask: ``(model, segments [B, L]) -> attention mask`` for packed rows (a token attends
+            only to its own segment).
+        position_offset: ``model -> int`` added to in-segment positions, or None when the family
+            takes no position ids (relative positions).
     """
 
-    body: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+    body: Callable[..., torch.Tensor]
     head: Callable[[nn.Module, torch.Tensor], torch.Tensor]
     head_prefixes: tuple[str, ...]
+    segment_mask: Callable[[nn.Module, torch.Tensor], Any] = _segment_mask
+    position_offset: Optional[Callable[[nn.Module], int]] = _no_offset
 
 
 # model_type -> family. Module-level functions (not closures) so the Backbone pickles for ddp_spawn.
 FAMILIES: dict[str, Family] = {
-    "modernbert": Family(_base_body, _modernbert_head, ("head.", "decoder.")),
+    "modernbert": Family(_base_body, _modernbert_head, ("head.", "decoder."), _modernbert_segment_mask),
     "bert": Family(_base_body, _bert_head, ("cls.",)),
-    "roberta": Family(_base_body, _lm_head, ("lm_head.",)),
-    "xlm-roberta": Family(_base_body, _lm_head, ("lm_head.",)),
-    "camembert": Family(_base_body, _lm_head, ("lm_head.",)),
+    "roberta": Family(_base_body, _lm_head, ("lm_head.",), position_offset=_roberta_offset),
+    "xlm-roberta": Family(_base_body, _lm_head, ("lm_head.",), position_offset=_roberta_offset),
+    "camembert": Family(_base_body, _lm_head, ("lm_head.",), position_offset=_roberta_offset),
     "distilbert": Family(_base_body, _distilbert_head, ("vocab_",)),
-    "t5": Family(_t5_body, _lm_head, ("lm_head.",)),
+    "t5": Family(_t5_body, _lm_head, ("lm_head.",), position_offset=None),
 }
 
 
@@ -317,7 +372,7 @@ def ensure_special_tokens(tokenizer, model: Optional[nn.Module] = None) -> dict[
 
     * mask token: added if missing (T5 / FRIDA has none);
     * pad token: added if missing, or if it equals the only end token (GPT-2 style tokenizers alias
-      them; the model would learn to fill the canvas with its end token, PITFALLS: dLLM);
+      them; the model would learn to fill the canvas with its end token, as in dLLM);
     * end token: EOS (distinct from PAD) or SEP; ``</s>`` / ``[SEP]`` added if neither exists.
 
     New tokens get new embedding rows (``resize_token_embeddings``, mean-initialised) when the
@@ -463,6 +518,10 @@ def load_backbone(
 
 
 # ----------------------------------------------------------------------------- the denoiser module
+# Attention implementations that take an arbitrary 4D mask (packed rows need a block-diagonal one).
+PACKING_ATTENTION = ("sdpa", "eager", "flex_attention")
+
+
 class Backbone(nn.Module):
     """A masked LM split into body (all positions) and head (selected positions only).
 
@@ -470,6 +529,10 @@ class Backbone(nn.Module):
     :mod:`diffusion_lm.objective` and the sampler: float32 logits at the ``query`` positions with the
     [MASK] column at -inf (the model never predicts [MASK]; a large negative constant overflowed fp16
     in MDLM, mdlm#7, so we fill -inf after casting to float32).
+
+    ``attention_mask`` is 0 on padding. Values above 1 mark *packed* rows: each value is a segment
+    (one example), tokens attend only inside their segment and positions restart at every segment,
+    so a packed row computes what its examples would compute in rows of their own.
     """
 
     def __init__(self, model: nn.Module, mask_id: int) -> None:
@@ -489,11 +552,35 @@ class Backbone(nn.Module):
     def body(self) -> nn.Module:
         return self.model.base_model
 
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Last hidden states ``[B, L, H]`` of the encoder body."""
-        if self._family is None:
-            return _base_body(self.model, input_ids, attention_mask)
-        return self._family.body(self.model, input_ids, attention_mask)
+    def hidden_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, packed: Optional[bool] = None
+    ) -> torch.Tensor:
+        """Last hidden states ``[B, L, H]`` of the encoder body (``packed``: None infers it from the mask)."""
+        family = self._family
+        if packed is None:
+            packed = bool(attention_mask.max() > 1)
+        if not packed:
+            body = family.body if family is not None else _base_body
+            return body(self.model, input_ids, attention_mask)
+        if family is None:
+            raise ConfigError(
+                f"packed rows need a registered family; model_type={self.model.config.model_type!r} has none "
+                "(set data.batching: padded)"
+            )
+        impl = getattr(self.model.config, "_attn_implementation", None)
+        if impl not in PACKING_ATTENTION:
+            raise ConfigError(
+                f"packed rows need an attention implementation that takes a block-diagonal mask "
+                f"({', '.join(PACKING_ATTENTION)}), not {impl!r}: set model.attn_implementation: sdpa "
+                "or data.batching: padded"
+            )
+        # Padding (0) becomes a segment of its own: it never reaches real tokens and no row is empty.
+        segments = attention_mask.long()
+        mask = family.segment_mask(self.model, segments)
+        positions = None
+        if family.position_offset is not None:
+            positions = segment_positions(segments) + family.position_offset(self.model)
+        return family.body(self.model, input_ids, mask, positions)
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head on selected hidden states ``[N, H]`` -> float32 logits ``[N, V]``, [MASK] at -inf."""
@@ -501,12 +588,14 @@ class Backbone(nn.Module):
         logits[..., self.mask_id] = float("-inf")
         return logits
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        if self._family is None:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query: torch.Tensor, packed: Optional[bool] = None
+    ) -> torch.Tensor:
+        if self._family is None and not packed:
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[query].float()
             logits[..., self.mask_id] = float("-inf")
             return logits
-        hidden = self.hidden_states(input_ids, attention_mask)
+        hidden = self.hidden_states(input_ids, attention_mask, packed)
         return self.head_logits(hidden[query])
 
 

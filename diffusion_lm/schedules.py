@@ -23,6 +23,7 @@ __all__ = [
     "CosineSchedule",
     "PolynomialSchedule",
     "stratified_times",
+    "indexed_times",
 ]
 
 
@@ -120,7 +121,7 @@ def stratified_times(
     all ranks); sample ``i`` of the global batch gets ``(u + i) / G`` and the strata are shuffled so
     that time does not correlate with position in a length-sorted batch. Each rank takes its slice
     ``[rank_offset, rank_offset + local_batch_size)``. Sampling t in ``[eps, 1]`` keeps the ``1/t``
-    weight bounded (PITFALLS: w(t) explodes near 0).
+    weight bounded (the 1/t weight of the log-linear schedule explodes near 0).
     """
     if global_batch_size <= 0:
         raise ValueError(f"global_batch_size must be > 0, got {global_batch_size}")
@@ -130,3 +131,20 @@ def stratified_times(
     strata = (u + order.to(torch.float64)) / global_batch_size
     t = eps + (1.0 - eps) * strata[rank_offset : rank_offset + local]
     return t.to(device=device, dtype=torch.float32)
+
+
+_GOLDEN = 0.6180339887498949  # (sqrt(5) - 1) / 2: the Kronecker sequence with the most even spread
+
+
+def indexed_times(indices: torch.Tensor, *, seed: int = 0, eps: float = 1e-3) -> torch.Tensor:
+    """Times in ``[eps, 1]`` that depend only on each example's index (and ``seed``).
+
+    Example ``i`` gets ``frac(c + i * (sqrt(5) - 1) / 2)`` (a Kronecker low-discrepancy sequence with a
+    seed-dependent offset ``c``): any run of consecutive indices covers ``[0, 1)`` nearly as evenly as
+    stratified sampling, and the time of an example does not depend on which batch, rank or packed
+    row it lands in. Validation uses it so that every process count and batch size reports the same
+    NELBO for the same checkpoint.
+    """
+    offset = (seed * _GOLDEN * 7919.0) % 1.0
+    frac = torch.remainder(offset + indices.to(torch.float64) * _GOLDEN, 1.0)
+    return (eps + (1.0 - eps) * frac).to(torch.float32)
