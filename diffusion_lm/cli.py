@@ -19,7 +19,7 @@ from typing import Callable, Optional, Sequence
 from lightning.pytorch.cli import LightningCLI
 
 from .data.datamodule import DialogDataModule
-from .errors import ConfigError
+from .errors import ConfigError, TrainingDiverged
 from .module import MaskedDiffusionLM
 
 __all__ = ["DiffusionLMCLI", "main", "COMMANDS"]
@@ -139,6 +139,11 @@ def main(args: Optional[Sequence[str]] = None) -> None:
             raise
         print(f"diffusion-lm: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except TrainingDiverged as err:
+        if os.environ.get("DIFFUSION_LM_DEBUG"):
+            raise
+        print(f"diffusion-lm: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 import zlib
 from typing import Any, Literal, Optional, Sequence, Union
@@ -13,9 +14,10 @@ import torch
 from .backbone import Backbone, ScratchBackbone, load_backbone
 from .data.conversation import Conversation, Turn
 from .data.template import ChatTemplate
+from .errors import TrainingDiverged
 from .metrics import LanguageNelbo
-from .objective import counter_uniform, masked_diffusion_nelbo
-from .schedules import LogLinearSchedule, NoiseSchedule, stratified_times
+from .objective import counter_uniform_at, masked_diffusion_nelbo
+from .schedules import LogLinearSchedule, NoiseSchedule, indexed_times, stratified_times
 
 __all__ = ["MaskedDiffusionLM", "load_model"]
 
@@ -26,12 +28,17 @@ log = logging.getLogger(__name__)
 # exactly as under automatic optimisation.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization and every_n_train_steps")
 
-_BATCH_TENSORS = ("input_ids", "attention_mask", "loss_mask", "loss_weight", "metric_mask")
+# Per-token tensors of a batch (rows x positions); the other keys are per example.
+_ROW_TENSORS = ("input_ids", "attention_mask", "loss_mask", "loss_weight", "metric_mask", "example", "position")
 
 
-def _seed(*parts: int) -> int:
-    """A stable 63-bit seed from integers (Python's hash() is salted per process for str)."""
+def _seed(*parts: Any) -> int:
+    """A stable 32-bit seed from integers/strings (Python's hash() is salted per process for str)."""
     return zlib.crc32(",".join(str(p) for p in parts).encode())
+
+
+def _rows(batch: dict, rows: slice) -> dict:
+    return {k: batch[k][rows] for k in _ROW_TENSORS}
 
 
 class MaskedDiffusionLM(pl.LightningModule):
@@ -48,8 +55,9 @@ class MaskedDiffusionLM(pl.LightningModule):
         learning_rate / weight_decay / betas: AdamW (no decay on biases and norms).
         warmup_steps: linear warm-up steps; ``lr_schedule`` then decays (cosine to
             ``min_lr_ratio * learning_rate``, linear to 0) or stays constant.
-        micro_batch_size: split each batch into chunks of this size for backward (gradient
-            accumulation with exact global normalisation); default: the whole batch at once.
+        micro_batch_size: split each batch into chunks of this many rows for backward (gradient
+            accumulation with exact global normalisation; a packed row holds several examples);
+            default: the whole batch at once.
         gradient_clip_val: max gradient norm (None disables); applied inside the step because the
             step is manual (FSDP clips through its own module method, lightning#19235).
         gradient_checkpointing: trade compute for memory in the encoder.
@@ -61,6 +69,9 @@ class MaskedDiffusionLM(pl.LightningModule):
         health_check: run the MLM health check (:class:`~diffusion_lm.health.MLMHealthCheck`) at
             the start of ``fit`` of a pretrained backbone; a ``MLMHealthCheck`` in ``trainer.callbacks``
             replaces the default one and runs for any backbone.
+        max_nonfinite_steps: an optimizer step whose loss or gradient norm is not finite is skipped
+            (weights unchanged) and counted as ``train/skipped_steps``; after this many in a row the
+            run stops with an error naming the step and the last good checkpoint.
     """
 
     def __init__(
@@ -83,6 +94,7 @@ class MaskedDiffusionLM(pl.LightningModule):
         role_headers: Optional[dict[str, str]] = None,
         canvas_length: int = 64,
         health_check: bool = True,
+        max_nonfinite_steps: int = 10,
     ) -> None:
         super().__init__()
         if schedule is not None and not isinstance(schedule, NoiseSchedule):
@@ -102,6 +114,8 @@ class MaskedDiffusionLM(pl.LightningModule):
         self.net = Backbone(model, self.template.mask_id)
         self.val_metrics = LanguageNelbo(["en", "ru"])
         self.test_metrics = LanguageNelbo(["en", "ru"])
+        self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient (checkpointed)
+        self._nonfinite_streak = 0
 
     def configure_callbacks(self):
         """The MLM health check at fit start, unless disabled, already configured in the Trainer, or
@@ -134,89 +148,156 @@ class MaskedDiffusionLM(pl.LightningModule):
         self.test_metrics = LanguageNelbo(languages)
 
     # ------------------------------------------------------------- training
-    def _nelbo(self, batch: dict, t: torch.Tensor, seed: int, step: int, rows: torch.Tensor, normalizer=None):
-        """NELBO of a (micro-)batch; ``rows`` are the global sample indices that key the mask noise."""
-        # Trim trailing batch padding: micro-batches of short rows run on short tensors.
-        width = int(batch["attention_mask"].sum(dim=1).max())
-        b = {k: batch[k][:, :width] for k in _BATCH_TENSORS}
-        uniforms = counter_uniform(seed, step, rows.to(self.device), width)
+    def _nelbo(self, rows: dict, t: torch.Tensor, seed: int, step: int, keys: torch.Tensor, normalizer=None,
+               num_groups: Optional[int] = None):
+        """NELBO of some rows of a batch. ``t`` and ``keys`` are per token: the time of the token's
+        example and the global index that keys its mask noise (with its position in the example)."""
+        # Trim trailing row padding (rows are left-aligned): micro-batches of short rows run on short tensors.
+        width = int((rows["attention_mask"] > 0).sum(dim=1).max())
+        r = {k: v[:, :width] for k, v in rows.items()}
+        packed = bool(r["attention_mask"].max() > 1)
+        uniforms = counter_uniform_at(seed, step, keys[:, :width], r["position"])
         return masked_diffusion_nelbo(
-            self.denoise,
-            b["input_ids"],
-            b["attention_mask"],
-            b["loss_mask"],
-            t,
+            lambda ids, attn, query: self.net(ids, attn, query, packed=packed),
+            r["input_ids"],
+            r["attention_mask"],
+            r["loss_mask"],
+            t[:, :width],
             self.schedule,
             self.mask_id,
-            loss_weight=b["loss_weight"],
-            metric_mask=b["metric_mask"],
+            loss_weight=r["loss_weight"],
+            metric_mask=r["metric_mask"],
             normalizer=normalizer,
             uniforms=uniforms,
+            groups=r["example"] if num_groups is not None else None,
+            num_groups=num_groups,
         )
 
-    def _step_times(self, batch_size: int) -> torch.Tensor:
+    def _step_times(self, num_examples: int) -> torch.Tensor:
         """Times stratified over the global batch; every rank draws the same stream and takes its slice."""
         world, rank, step = self.trainer.world_size, self.global_rank, self.global_step
         t_gen = torch.Generator().manual_seed(_seed(self.hparams.seed, step))
         return stratified_times(
-            batch_size * world,
-            rank_offset=rank * batch_size,
-            local_batch_size=batch_size,
+            num_examples * world,
+            rank_offset=rank * num_examples,
+            local_batch_size=num_examples,
             eps=self.hparams.time_eps,
             generator=t_gen,
             device=self.device,
         )
 
+    def _row_chunks(self, num_rows: int) -> list[slice]:
+        """Micro-batches of rows; every rank runs the same number (a sharded or DDP backward is a
+        collective, and packed batches give ranks different row counts)."""
+        micro = self.hparams.micro_batch_size
+        if not micro:
+            return [slice(0, num_rows)]
+        count = math.ceil(num_rows / micro)
+        if self.trainer.world_size > 1:
+            count = int(self.trainer.strategy.reduce(torch.tensor(count, device=self.device), reduce_op="max"))
+        return [slice(i * micro, (i + 1) * micro) for i in range(count)]
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         opt = self.optimizers()
         scheduler = self.lr_schedulers()
-        n = batch["input_ids"].shape[0]
-        t = self._step_times(n)
-        first_row = self.global_rank * n  # global index of this rank's first sample
+        step, rank, world = self.global_step, self.global_rank, self.trainer.world_size
+        # Dropout draws keyed by (seed, step, rank): a resumed run repeats them without saved RNG state.
+        torch.manual_seed(_seed(self.hparams.seed, "dropout", step, rank))
+        n = int(batch["sample_index"].shape[0])  # examples on this rank (rows may pack several)
+        example = batch["example"]
+        t = self._step_times(n)[example.clamp_min(0)]
+        # Noise keys: the example's index in the global batch, so ranks, micro-batches and packing
+        # all draw the masks one process would draw.
+        keys = torch.where(example >= 0, example + rank * n, -1)
         local_weight = (batch["loss_weight"] * batch["loss_mask"]).sum().detach().float()
         global_weight = self.trainer.strategy.reduce(local_weight.clone(), reduce_op="sum")
         # DDP averages gradients over ranks; scale so the result is sum(all ranks) / global weight.
-        normalizer = global_weight / self.trainer.world_size
-        micro = self.hparams.micro_batch_size or n
+        normalizer = global_weight / world
         opt.zero_grad(set_to_none=True)
         weighted, masked = torch.zeros((), device=self.device), 0
-        for start in range(0, n, micro):
-            chunk = {k: batch[k][start : start + micro] for k in _BATCH_TENSORS}
-            rows = torch.arange(first_row + start, first_row + start + chunk["input_ids"].shape[0])
-            out = self._nelbo(chunk, t[start : start + micro], self.hparams.seed, self.global_step, rows, normalizer)
-            self.manual_backward(out.loss)
-            weighted += out.weighted_sum
-            masked += out.num_masked
-        self._clip(opt)
-        opt.step()
-        if scheduler is not None:
-            scheduler.step()
+        num_rows = batch["input_ids"].shape[0]
+        for rows in self._row_chunks(num_rows):
+            empty = rows.start >= num_rows
+            rows = slice(0, 1) if empty else rows  # a rank with fewer rows still joins the collective
+            out = self._nelbo(_rows(batch, rows), t[rows], self.hparams.seed, step, keys[rows], normalizer)
+            self.manual_backward(out.loss * 0.0 if empty else out.loss)
+            if not empty:
+                weighted += out.weighted_sum
+                masked += out.num_masked
         loss = self.trainer.strategy.reduce(weighted, reduce_op="sum") / global_weight.clamp_min(1e-8)
+        grad_norm = self._clip(opt)
+        if bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm)):
+            opt.step()
+            if scheduler is not None:
+                scheduler.step()
+            self._nonfinite_streak = 0
+        else:
+            self._skip_step(opt, loss, grad_norm)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=n)
         self.log("train/masked_tokens", float(masked), on_step=True, on_epoch=False, batch_size=n)
         self.log("train/lr", opt.param_groups[0]["lr"], on_step=True, on_epoch=False, batch_size=n)
+        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False, batch_size=n)
+        real = (batch["attention_mask"] > 0).sum()
+        self.log("train/padding_share", 1.0 - float(real) / batch["attention_mask"].numel(), on_step=True,
+                 on_epoch=False, batch_size=n)
         return loss
 
-    def _clip(self, opt) -> None:
-        value = self.hparams.gradient_clip_val
-        if not value:
-            return
+    def _skip_step(self, opt, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """Leave the weights unchanged after a non-finite loss or gradient; stop after too many in a row."""
+        opt.zero_grad(set_to_none=True)
+        self.skipped_steps += 1
+        self._nonfinite_streak += 1
+        log.warning("step %d: non-finite %s; optimizer step skipped (%d in a row, %d in all)", self.global_step,
+                    "loss" if not torch.isfinite(loss) else "gradient norm", self._nonfinite_streak,
+                    self.skipped_steps)
+        limit = self.hparams.get("max_nonfinite_steps", 10)
+        if self._nonfinite_streak >= limit:
+            callback = self.trainer.checkpoint_callback
+            last = (getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")) if callback else ""
+            where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+            raise TrainingDiverged(
+                f"training stopped at step {self.global_step}: {self._nonfinite_streak} optimizer steps in a row had a "
+                f"non-finite loss or gradient norm; {where}. Lower model.learning_rate, check the data, or use "
+                "bf16/fp32 precision (model.max_nonfinite_steps sets the limit)"
+            )
+
+    def _clip(self, opt) -> torch.Tensor:
+        """Clip the gradient norm (when ``gradient_clip_val`` is set) and return the norm before clipping."""
+        value = self.hparams.gradient_clip_val or float("inf")
         from lightning.pytorch.strategies import FSDPStrategy
 
         if isinstance(self.trainer.strategy, FSDPStrategy):
             # Lightning's precision hook refuses norm clipping under FSDP (lightning#19235).
-            self.trainer.model.clip_grad_norm_(value)
-        else:
-            self.clip_gradients(opt, gradient_clip_val=value, gradient_clip_algorithm="norm")
+            return self.trainer.model.clip_grad_norm_(value)
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            # fp16 with a GradScaler: it unscales, detects non-finite gradients and skips in its own step.
+            if self.hparams.gradient_clip_val:
+                self.clip_gradients(opt, gradient_clip_val=value, gradient_clip_algorithm="norm")
+            return torch.zeros((), device=self.device)
+        params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        if not params:
+            return torch.zeros((), device=self.device)
+        return torch.nn.utils.clip_grad_norm_(params, value)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["diffusion_lm_training"] = {"skipped_steps": self.skipped_steps,
+                                               "nonfinite_streak": self._nonfinite_streak}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("diffusion_lm_training") or {}
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self._nonfinite_streak = int(state.get("nonfinite_streak", 0))
 
     # ------------------------------------------------------------ validation
     def _eval_step(self, batch: dict, batch_idx: int, metrics: LanguageNelbo) -> None:
-        # Fixed-seed noise: the same t and masks for the same batch at every validation.
-        n = batch["input_ids"].shape[0]
-        t_gen = torch.Generator().manual_seed(_seed(self.hparams.val_seed, batch_idx, self.global_rank))
-        t = stratified_times(n, eps=self.hparams.time_eps, generator=t_gen, device=self.device)
-        rows = torch.arange(n) + self.global_rank * n
-        out = self._nelbo(batch, t, self.hparams.val_seed, batch_idx, rows)
+        # Noise keyed by each example's index in the validation set (its time and its masks): every
+        # batch size, packing and process count scores the same noised examples; copies that only
+        # even out the ranks carry no metric weight.
+        index = batch["sample_index"]
+        example = batch["example"].clamp_min(0)
+        t = indexed_times(index, seed=self.hparams.val_seed, eps=self.hparams.time_eps).to(self.device)[example]
+        keys = torch.where(batch["example"] >= 0, index[example], -1)
+        out = self._nelbo(_rows(batch, slice(None)), t, self.hparams.val_seed, 0, keys, num_groups=int(index.shape[0]))
         metrics.update(out.seq_nelbo, out.seq_tokens, batch["language"])
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -121,5 +121,5 @@ def test_recipe_instantiates_through_the_cli(recipe, stand_ins, snapshots, tmp_p
     data.template = model.template
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
-    assert batch["input_ids"].shape[0] == 4 and set(batch["language"]) <= {"en", "ru"}
+    assert len(batch["sample_index"]) == 4 and set(batch["language"]) <= {"en", "ru"}
     assert data.summary["per_language"].keys() == {"en", "ru"}

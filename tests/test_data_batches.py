@@ -33,6 +33,11 @@ def _answer_start(row_loss_mask: torch.Tensor) -> int:
     return int(row_loss_mask.nonzero()[0])
 
 
+def _example(batch: dict, i: int, key: str) -> torch.Tensor:
+    """The ``key`` values of example ``i`` of a (possibly packed) batch, in order."""
+    return batch[key][batch["example"] == i]
+
+
 @pytest.mark.parametrize("family", ["demo", "mmbert", "t5"])
 def test_sampler_prompt_is_the_training_prefix(tmp_path, messages_jsonl, family):
     """What MaskedDiffusionLM.prompt_ids gives the sampler is exactly what training put before the answer,
@@ -55,13 +60,14 @@ def test_sampler_prompt_is_the_training_prefix(tmp_path, messages_jsonl, family)
     multi_turn_rows = 0
     for i, (index, turn) in enumerate(zip(batch["index"], batch["turn"])):
         turns = _turns(DIALOGS[index])
-        start = _answer_start(batch["loss_mask"][i])
-        prefix = batch["input_ids"][i, :start].tolist()
+        start = _answer_start(_example(batch, i, "loss_mask"))
+        ids = _example(batch, i, "input_ids")
+        prefix = ids[:start].tolist()
         assert prefix == model.prompt_ids(turns[:turn])
         assert prefix == model.prompt_ids(Conversation(turns[:turn]))
         assert prefix == model.template.prompt_ids(turns[:turn])
         answer = model.template.answer_ids(turns[turn].content)
-        assert batch["input_ids"][i, start : start + len(answer)].tolist() == answer
+        assert ids[start : start + len(answer)].tolist() == answer
         multi_turn_rows += turn > 1 and any(t.role == "assistant" for t in turns[:turn])
     assert multi_turn_rows, "the batch should contain a second answer of a multi-turn dialog"
     # A bare user message (what `diffusion-lm generate` passes) builds the one-turn conversation's prompt.

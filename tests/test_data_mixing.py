@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from diffusion_lm.backbone import DEMO_TOKENIZER
@@ -234,5 +235,7 @@ def test_demo_config_trains_on_the_chatterbot_mix(tmp_path):
     assert {row["language"] for row in dm.summary["sources"]} == {"en", "ru"}
     assert dm.val_dataset is not None and set(dm.val_dataset["language"]) == {"en", "ru"}
     batch = next(iter(dm.train_dataloader()))
-    assert batch["input_ids"].shape[0] == data["batch_size"]
-    assert np.all(batch["loss_mask"].sum(1).numpy() == data["canvas"]["length"])  # fixed canvas
+    assert len(batch["sample_index"]) == data["batch_size"]
+    assert batch["language"].count("en") == batch["language"].count("ru")  # the equal mix in every batch
+    per_example = torch.bincount(batch["example"][batch["loss_mask"]], minlength=data["batch_size"])
+    assert torch.all(per_example == data["canvas"]["length"])  # fixed canvas

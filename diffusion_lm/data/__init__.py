@@ -1,6 +1,7 @@
 """Dialog data: sources, the chat template, canvas policy, batching and the DialogDataModule."""
 
-from .collate import CanvasPolicy, DiffusionCollator, LengthGroupedBatchSampler
+from .batching import DialogBatchSampler, LengthGroupedBatchSampler, SampleKey
+from .collate import CanvasPolicy, DiffusionCollator
 from .conversation import ROLES, SKIP_REASONS, BadRecord, BadRecordError, Conversation, Turn
 from .datamodule import DEFAULT_VALIDATION_PROMPTS, DialogDataModule, SkipSummary, ValidationPrompt
 from .examples import ExampleBuilder
@@ -18,11 +19,13 @@ __all__ = [
     "DATASET_PRESETS",
     "DEFAULT_VALIDATION_PROMPTS",
     "DataSource",
+    "DialogBatchSampler",
     "DialogDataModule",
     "DiffusionCollator",
     "ExampleBuilder",
     "LengthGroupedBatchSampler",
     "ROLES",
+    "SampleKey",
     "SKIP_REASONS",
     "SkipSummary",
     "Turn",

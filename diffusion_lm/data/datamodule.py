@@ -1,4 +1,4 @@
-"""DialogDataModule: sources -> conversations -> (prompt ids, answer ids) -> length-grouped batches."""
+"""DialogDataModule: sources -> conversations -> (prompt ids, answer ids) -> mix-stratified, packed batches."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from ..errors import ConfigError
-from .collate import CanvasPolicy, DiffusionCollator, LengthGroupedBatchSampler
+from .batching import DialogBatchSampler, KeyedExamples, ResumableLoader
+from .collate import CanvasPolicy, DiffusionCollator
 from .conversation import Conversation, Turn
 from .examples import ExampleBuilder, example_features, parse_skip_key
 from .mixing import StoppingStrategy, apportion, mix_size, source_indices
@@ -146,7 +147,18 @@ class DialogDataModule(pl.LightningDataModule):
         num_workers: DataLoader workers.
         num_proc: processes for tokenisation (``datasets.map``).
         validation_prompts: fixed prompts for the sampling callback (default: English + Russian).
-        group_batches: length grouping chunk, in global batches (1 disables most grouping).
+        batching: how examples become rows. ``packed`` (default): each batch is a random sample of
+            the mix, packed into rows of ``pack_length`` tokens with per-example attention (no
+            padding, no length bias). ``padded``: the same random batches, one example per row,
+            padded to the longest. ``grouped``: windows of ``group_batches`` batches sorted by length
+            (little padding, but each batch is then one length class, which correlates with
+            language, source and task and slows learning: see docs/data.md).
+        stratify: every training batch holds each source in its mix share (+-1 example), so an
+            equal English/Russian mix is equal in every step, not only per epoch; otherwise batches
+            are uniform samples (shares vary binomially).
+        pack_length: row capacity in tokens for ``packed`` batching (default ``max_length``).
+        group_batches: length grouping window in global batches, for ``grouped`` batching only
+            (default 64).
         stopping_strategy: mix size when ``total_samples`` is unset: ``all_exhausted`` (every
             example of every source at least once; small sources repeat) or ``first_exhausted``
             (no example twice; large sources are subsampled).
@@ -170,7 +182,10 @@ class DialogDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         num_proc: Optional[int] = None,
         validation_prompts: Optional[list[ValidationPrompt]] = None,
-        group_batches: int = 64,
+        batching: Literal["packed", "padded", "grouped"] = "packed",
+        stratify: bool = True,
+        pack_length: Optional[int] = None,
+        group_batches: Optional[int] = None,
         stopping_strategy: StoppingStrategy = "all_exhausted",
         shuffle_buffer: int = 10_000,
         cache_dir: Optional[str] = None,
@@ -204,7 +219,21 @@ class DialogDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.num_proc = num_proc
         self.validation_prompts = validation_prompts if validation_prompts is not None else list(DEFAULT_VALIDATION_PROMPTS)
-        self.group_batches = group_batches
+        if batching not in ("packed", "padded", "grouped"):
+            raise ConfigError(f"data.batching must be packed, padded or grouped, got {batching!r}")
+        if group_batches is not None and batching != "grouped":
+            raise ConfigError(f"data.group_batches applies to data.batching: grouped only (batching is {batching!r})")
+        if group_batches is not None and group_batches < 1:
+            raise ConfigError(f"data.group_batches must be >= 1, got {group_batches}")
+        if pack_length is not None and batching != "packed":
+            raise ConfigError(f"data.pack_length applies to data.batching: packed only (batching is {batching!r})")
+        if pack_length is not None and pack_length < max_length:
+            raise ConfigError(f"data.pack_length ({pack_length}) must be >= data.max_length ({max_length}): "
+                              "every example must fit in a row")
+        self.batching = batching
+        self.stratify = stratify
+        self.pack_length = pack_length
+        self.group_batches = group_batches if group_batches is not None else (64 if batching == "grouped" else 1)
         self.stopping_strategy = stopping_strategy
         self.shuffle_buffer = shuffle_buffer
         self.cache_dir = cache_dir
@@ -477,16 +506,30 @@ class DialogDataModule(pl.LightningDataModule):
             return 0, 1
         return trainer.global_rank, trainer.world_size
 
-    def _collator(self, rank: int) -> DiffusionCollator:
-        return DiffusionCollator(self.resolve_template().pad_id, self.canvas, seed=self.seed + rank,
-                                 pad_to_multiple_of=self.pad_to_multiple_of)
+    def collator(self) -> DiffusionCollator:
+        """The batch collator of this data module's ``batching``."""
+        pack = (self.pack_length or self.max_length) if self.batching == "packed" else None
+        return DiffusionCollator(self.resolve_template().pad_id, self.canvas, seed=self.seed,
+                                 pad_to_multiple_of=self.pad_to_multiple_of, pack_length=pack,
+                                 max_width=max(self.max_length, pack or 0))
 
     def row_lengths(self, dataset) -> list[int]:
-        """Width of each example once collated (prompt + answer region), for length grouping."""
+        """Width of each example once collated (prompt + answer region), for length sorting."""
         prompt = _column(dataset, "prompt_length").to_numpy().astype(np.int64)
         answer = _column(dataset, "answer_length").to_numpy().astype(np.int64)
         region = answer if self.canvas.mode == "none" else np.maximum(answer, self.canvas.length)
         return (prompt + region).tolist()
+
+    def _strata(self, dataset) -> Optional[np.ndarray]:
+        """The source of each example as an int (the strata of a stratified batch order)."""
+        if not self.stratify:
+            return None
+        return np.asarray(_column(dataset, "source").combine_chunks().dictionary_encode().indices)
+
+    def _trained_batches(self) -> int:
+        """Training batches the fit loop has completed in the current epoch (what a checkpoint covers)."""
+        loop = getattr(getattr(self.trainer, "fit_loop", None), "epoch_loop", None)
+        return int(loop.batch_progress.current.processed) if loop is not None else 0
 
     def _loader(self, dataset, batch_size: int, shuffle: bool) -> DataLoader:
         rank, world = self._rank_world()
@@ -495,9 +538,10 @@ class DialogDataModule(pl.LightningDataModule):
                 f"the training mix has {len(dataset)} examples, fewer than one global batch "
                 f"({batch_size} x {world} ranks); lower data.batch_size or add data"
             )
-        sampler = LengthGroupedBatchSampler(
+        sampler = DialogBatchSampler(
             self.row_lengths(dataset),
             batch_size,
+            strata=self._strata(dataset) if shuffle else None,
             rank=rank,
             world_size=world,
             shuffle=shuffle,
@@ -505,13 +549,11 @@ class DialogDataModule(pl.LightningDataModule):
             seed=self.seed,
             group_batches=self.group_batches if shuffle else 1,
         )
-        return DataLoader(
-            dataset.with_format(None),
-            batch_sampler=sampler,
-            collate_fn=self._collator(rank),
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        kwargs = dict(batch_sampler=sampler, collate_fn=self.collator(), num_workers=self.num_workers,
+                      persistent_workers=self.num_workers > 0)
+        if shuffle:
+            return ResumableLoader(KeyedExamples(dataset.with_format(None)), progress=self._trained_batches, **kwargs)
+        return DataLoader(KeyedExamples(dataset.with_format(None)), **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         if self.train_stream is None:
@@ -527,7 +569,7 @@ class DialogDataModule(pl.LightningDataModule):
             StreamingExamples(stream, per_rank),
             batch_size=self.batch_size,
             drop_last=True,
-            collate_fn=self._collator(rank),
+            collate_fn=self.collator(),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
