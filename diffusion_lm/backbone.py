@@ -601,4 +601,8 @@ class Backbone(nn.Module):
 
 def describe(spec: BackboneSpec) -> dict:
     """A JSON-friendly description of a backbone spec (for metadata and model cards)."""
-    return asdict(spec) if isinstance(spec, ScratchBackbone) else {"name_or_path": spec}
+    if isinstance(spec, ScratchBackbone):
+        return asdict(spec)
+    if isinstance(spec, dict):  # a ScratchBackbone as a checkpoint's hparams or LightningCLI store it
+        return asdict(ScratchBackbone(**spec))
+    return {"name_or_path": spec}

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -43,7 +44,7 @@ from .sampling.commands import build_sampler
 from .sampling.config import SamplerConfig
 from .sampling.metrics import longest_run, repeated_ngram_rate
 
-__all__ = ["ValidationSampling"]
+__all__ = ["BatchComposition", "ValidationSampling"]
 
 log = logging.getLogger(__name__)
 
@@ -271,3 +272,79 @@ class ValidationSampling(Callback):
                 logger.experiment.add_text("val_samples", text, global_step=int(trainer.global_step))
             except Exception as err:  # a logger problem must not stop training
                 self._warn_once("tensorboard", f"ValidationSampling: could not write TensorBoard text: {err}")
+
+
+class BatchComposition(Callback):
+    """What the training batches are made of: padding and language shares, per step and in sum.
+
+    Every training step logs ``data/share_<lang>`` (the share of the batch's examples in each
+    language of the mix). At the end of ``fit`` it logs and prints, per language, the mean share,
+    its standard deviation over batches, and the binomial standard deviation
+    ``sqrt(p (1 - p) / batch)`` that uniformly drawn batches would show: a spread far above it
+    means batches are skewed (e.g. length-grouped batching sorting one language together); a
+    mix-stratified batch order keeps it near zero. ``MaskedDiffusionLM`` adds this callback unless
+    ``trainer.callbacks`` has one. The padding share is logged by the module (``train/padding_share``).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches = 0
+        self.examples = 0
+        self.sums: dict[str, float] = defaultdict(float)
+        self.squares: dict[str, float] = defaultdict(float)
+        self.report: dict[str, float] = {}
+
+    def _languages(self, trainer: pl.Trainer) -> list[str]:
+        summary = getattr(getattr(trainer, "datamodule", None), "summary", None) or {}
+        return sorted(summary.get("per_language") or {})
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        languages = batch.get("language") if isinstance(batch, dict) else None
+        if not languages:
+            return
+        n = len(languages)
+        self.batches += 1
+        self.examples += n
+        for lang in self._languages(trainer) or sorted(set(languages)):
+            share = languages.count(lang) / n
+            self.sums[lang] += share
+            self.squares[lang] += share * share
+            pl_module.log(f"data/share_{lang}", share, on_step=True, on_epoch=False, batch_size=n)
+
+    def summary(self) -> dict[str, float]:
+        """``share_<lang>_mean``, ``share_<lang>_std`` and ``share_<lang>_binomial_std`` per language."""
+        if not self.batches:
+            return {}
+        out: dict[str, float] = {}
+        size = self.examples / self.batches
+        for lang in sorted(self.sums):
+            mean = self.sums[lang] / self.batches
+            var = max(self.squares[lang] / self.batches - mean * mean, 0.0)
+            out[f"share_{lang}_mean"] = mean
+            out[f"share_{lang}_std"] = math.sqrt(var)
+            out[f"share_{lang}_binomial_std"] = math.sqrt(mean * (1 - mean) / size)
+        return out
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.report = self.summary()
+        if not self.report or not trainer.is_global_zero:
+            return
+        lines = [f"batch composition over {self.batches} training batches (this rank):"]
+        for lang in sorted(self.sums):
+            r = self.report
+            lines.append(f"  {lang}: share {r[f'share_{lang}_mean']:.3f} +- {r[f'share_{lang}_std']:.3f} per batch "
+                         f"(uniform batches: +- {r[f'share_{lang}_binomial_std']:.3f})")
+        log.info("\n".join(lines))
+        for logger in trainer.loggers:
+            logger.log_metrics({f"data/{k}": v for k, v in self.report.items()}, step=trainer.global_step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches": self.batches, "examples": self.examples, "sums": dict(self.sums),
+                "squares": dict(self.squares)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.batches = int(state_dict.get("batches", 0))
+        self.examples = int(state_dict.get("examples", 0))
+        self.sums = defaultdict(float, state_dict.get("sums", {}))
+        self.squares = defaultdict(float, state_dict.get("squares", {}))

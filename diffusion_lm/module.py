@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import warnings
@@ -97,6 +98,8 @@ class MaskedDiffusionLM(pl.LightningModule):
         max_nonfinite_steps: int = 10,
     ) -> None:
         super().__init__()
+        if isinstance(schedule, dict):  # a checkpoint's hparams (see below) or a class_path mapping
+            schedule = NoiseSchedule.from_config(schedule)
         if schedule is not None and not isinstance(schedule, NoiseSchedule):
             raise TypeError(
                 f"model.schedule must be a diffusion_lm.schedules.NoiseSchedule subclass instance, got {type(schedule).__name__}"
@@ -104,6 +107,12 @@ class MaskedDiffusionLM(pl.LightningModule):
         if not 0 < time_eps < 1:
             raise ValueError(f"model.time_eps must be in (0, 1), got {time_eps}")
         self.save_hyperparameters()
+        # Plain data in hparams, as LightningCLI stores them: checkpoints then load with
+        # torch.load(weights_only=True) (Lightning's default) whatever schedule class was used.
+        if isinstance(self.hparams.get("backbone"), ScratchBackbone):
+            self.hparams["backbone"] = dataclasses.asdict(self.hparams["backbone"])
+        if isinstance(self.hparams.get("schedule"), NoiseSchedule):
+            self.hparams["schedule"] = self.hparams["schedule"].to_config()
         self.automatic_optimization = False
         self.schedule = schedule or LogLinearSchedule()
         model, tokenizer = load_backbone(backbone, attn_implementation=attn_implementation)
@@ -118,19 +127,25 @@ class MaskedDiffusionLM(pl.LightningModule):
         self._nonfinite_streak = 0
 
     def configure_callbacks(self):
-        """The MLM health check at fit start, unless disabled, already configured in the Trainer, or
-        the backbone is built from a config (a random head is then expected, not a fault)."""
+        """Callbacks every run gets unless ``trainer.callbacks`` already has one of the kind: the
+        batch-composition diagnostics, and the MLM health check at fit start (unless disabled, or the
+        backbone is built from a config: a random head is then expected, not a fault)."""
+        from .callbacks import BatchComposition
         from .health import MLMHealthCheck
 
         trainer = self._trainer
-        if not self.hparams.get("health_check", True) or trainer is None:
+        if trainer is None:
             return []
-        if isinstance(self.hparams.get("backbone"), ScratchBackbone):
+        present = {type(cb) for cb in trainer.callbacks}
+        out: list = [] if any(issubclass(t, BatchComposition) for t in present) else [BatchComposition()]
+        if not self.hparams.get("health_check", True):
+            return out
+        if isinstance(self.hparams.get("backbone"), (ScratchBackbone, dict)):
             # A model built from a config has a random head by construction: nothing to diagnose.
-            return []
-        if any(isinstance(cb, MLMHealthCheck) for cb in trainer.callbacks):
-            return []
-        return [MLMHealthCheck()]
+            return out
+        if any(issubclass(t, MLMHealthCheck) for t in present):
+            return out
+        return out + [MLMHealthCheck()]
 
     # ----------------------------------------------------------------- basics
     @property

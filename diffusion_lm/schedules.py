@@ -60,6 +60,24 @@ class NoiseSchedule:
         cls = type(self)
         return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(vars(self))}
 
+    @staticmethod
+    def from_config(spec: dict) -> "NoiseSchedule":
+        """The schedule a :meth:`to_config` dict describes (its class is imported by path)."""
+        import importlib
+
+        from .errors import ConfigError
+
+        path = str(spec.get("class_path", ""))
+        module_name, _, name = path.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module_name), name)
+        except (ImportError, AttributeError, ValueError) as err:
+            raise ConfigError(f"schedule class_path {path!r} cannot be imported: {err}") from err
+        schedule = cls(**(spec.get("init_args") or {}))
+        if not isinstance(schedule, NoiseSchedule):
+            raise ConfigError(f"schedule {path!r} is not a diffusion_lm.schedules.NoiseSchedule subclass")
+        return schedule
+
 
 class LogLinearSchedule(NoiseSchedule):
     """``alpha(t) = 1 - t``: the MDLM default. Weight ``1/t``; mask rate equals time."""

@@ -58,6 +58,31 @@ def test_family_loads_and_head_split_matches_full_logits(folders, family):
     torch.testing.assert_close(split, full, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_a_packed_row_computes_what_separate_rows_compute(folders, tmp_path, family, attn):
+    """Several examples packed into one row (segments in the attention mask) give the logits each
+    gives in a row of its own: attention stays inside a segment and positions restart."""
+    folder = folders[family]
+    if family == "modernbert":  # a short sliding window, so the local layers' segment mask matters
+        folder = make_family("modernbert", tmp_path / "local", config_edit=lambda c: setattr(c, "local_attention", 4))
+    model, tokenizer = load_backbone(str(folder), attn_implementation=attn)
+    net = Backbone(model.eval(), tokenizer.mask_token_id)
+    g = torch.Generator().manual_seed(0)
+    examples = [torch.randint(5, len(tokenizer) - 1, (n,), generator=g) for n in (9, 14, 6)]
+    width = max(len(e) for e in examples)
+    rows = torch.full((3, width), tokenizer.pad_token_id)
+    mask = torch.zeros(3, width, dtype=torch.long)
+    for i, e in enumerate(examples):
+        rows[i, : len(e)], mask[i, : len(e)] = e, 1
+    packed = torch.cat(examples + [torch.full((3,), tokenizer.pad_token_id)])[None]
+    segments = torch.cat([torch.full((len(e),), i + 1) for i, e in enumerate(examples)] + [torch.zeros(3)]).long()[None]
+    with torch.no_grad():
+        separate = net(rows, mask, mask.bool())
+        together = net(packed, segments, segments > 0)
+    torch.testing.assert_close(together, separate, rtol=1e-4, atol=1e-4)
+
+
 def test_t5_encoder_gets_a_mask_token_and_a_fresh_head_tied_to_its_embeddings(folders, caplog):
     from transformers import T5EncoderModel
 

@@ -15,6 +15,7 @@ from diffusion_lm.data import (
     DataSource,
     DialogDataModule,
     DiffusionCollator,
+    DialogBatchSampler,
     ExampleBuilder,
     LengthGroupedBatchSampler,
     Turn,
@@ -205,6 +206,8 @@ def test_eval_sampler_is_sorted_complete_and_even_across_ranks():
     assert len(per_rank[0]) == len(per_rank[1]) == 2
     covered = {i for rank in per_rank for batch in rank for i in batch}
     assert covered == set(range(7))  # nothing left out (the short last global batch is topped up)
+    counted = [int(k) for rank in per_rank for batch in rank for k in batch if k.counted]
+    assert sorted(counted) == list(range(7))  # ... and the top-up copies do not count: each example once
     single, _ = _shards(lengths, 4, 1, shuffle=False, drop_last=False)
     flat = [i for batch in single[0] for i in batch]
     assert [lengths[i] for i in flat] == sorted(lengths)
@@ -228,3 +231,34 @@ def test_datamodule_loaders_shard_over_ranks(tmp_path, messages_jsonl):
     assert len(batches[0]) == len(batches[1]) == len(data.train_dataset) // 4
     rank0, rank1 = ({ex for batch in rank for ex in batch} for rank in batches)
     assert not rank0 & rank1 and len(rank0) == len(rank1) == 2 * len(batches[0])
+
+
+def test_stratified_batches_hold_every_source_in_its_mix_share():
+    """A 2:1 English/Russian mix of 300 examples in batches of 12: every batch has 8 English and 4
+    Russian examples (a uniform draw would vary binomially), and each epoch is a new order."""
+    strata = [0] * 200 + [1] * 100
+    sampler = DialogBatchSampler([10] * 300, 12, strata=strata, seed=7)
+    batches = list(sampler)
+    assert len(batches) == 25
+    assert all(sum(strata[i] for i in b) == 4 for b in batches)
+    assert sorted(i for b in batches for i in b) == list(range(300))
+    sampler.set_epoch(1)
+    assert list(sampler) != batches
+    uniform = DialogBatchSampler([10] * 300, 12, seed=7)
+    assert len({sum(strata[i] for i in b) for b in uniform}) > 1
+
+
+def test_packed_batches_fill_rows_and_keep_every_example(template):
+    prompt = template.prompt_ids([Turn("user", "Hi")])
+    examples = [{"prompt_ids": prompt, "answer_ids": template.answer_ids(a), "sample_index": i}
+                for i, a in enumerate(["Hello.", "Good morning to you.", "Yes.", "No, thanks."])]
+    canvas = CanvasPolicy(mode="none", length=8)
+    sizes = [len(e["prompt_ids"]) + len(e["answer_ids"]) for e in examples]
+    padded = DiffusionCollator(template.pad_id, canvas, pad_to_multiple_of=1)(examples)
+    packed = DiffusionCollator(template.pad_id, canvas, pad_to_multiple_of=1, pack_length=sum(sizes) - 1)(examples)
+    assert padded["input_ids"].shape[0] == 4 and packed["input_ids"].shape[0] == 2
+    assert int(packed["attention_mask"].max()) == 3  # three segments in the first row
+    for key in ("input_ids", "loss_mask", "loss_weight", "metric_mask", "position"):
+        for i in range(4):  # every example's tokens and masks are the same, wherever it sits
+            assert torch.equal(packed[key][packed["example"] == i], padded[key][padded["example"] == i]), key
+    assert packed["sample_index"].tolist() == [0, 1, 2, 3]

@@ -1,0 +1,106 @@
+"""A synthetic bilingual dialog task with deterministic answers and held-out prompts.
+
+Numbers are written out in English or Russian words, and words are read back into digits::
+
+    User: Spell 47 in English.      Assistant: forty seven
+    User: Напиши 47 словами.        Assistant: сорок семь
+    User: Digits of forty seven?    Assistant: 47
+    User: Цифрами: сорок семь       Assistant: 47
+
+A share of the numbers (never below 20, whose words are not compositional) is held out: their four
+prompts appear in no training dialog, and answering them needs the composition of tens, units (and
+hundreds) words seen only in other numbers. Answer and prompt lengths correlate with the language,
+the direction and the size of the number, the way lengths correlate with language, source and task
+in real chat mixes: so the task shows whether a batching scheme biases what each step learns.
+
+It is used by the learning test and ``tools/bench_batching.py``; ``write_synthetic_task`` writes the
+files a ``diffusion-lm fit`` run reads (one JSONL per language, in the ``messages`` schema).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["KINDS", "SyntheticTask", "number_words", "synthetic_dialogs", "write_synthetic_task"]
+
+_EN_SMALL = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+             "sixteen seventeen eighteen nineteen").split()
+_EN_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+_RU_SMALL = ("ноль один два три четыре пять шесть семь восемь девять десять одиннадцать двенадцать тринадцать "
+             "четырнадцать пятнадцать шестнадцать семнадцать восемнадцать девятнадцать").split()
+_RU_TENS = "_ _ двадцать тридцать сорок пятьдесят шестьдесят семьдесят восемьдесят девяносто".split()
+_RU_HUNDREDS = "_ сто двести триста четыреста пятьсот шестьсот семьсот восемьсот девятьсот".split()
+
+# kind -> (language, prompt template, answer is words?)
+KINDS = {
+    "en_words": ("en", "Spell {digits} in English.", True),
+    "ru_words": ("ru", "Напиши {digits} словами.", True),
+    "en_digits": ("en", "Digits of {words}?", False),
+    "ru_digits": ("ru", "Цифрами: {words}", False),
+}
+
+
+def number_words(n: int, language: str) -> str:
+    """``n`` (0..999) in English or Russian words (``347`` -> ``three hundred forty seven`` /
+    ``триста сорок семь``)."""
+    if not 0 <= n <= 999:
+        raise ValueError(f"number_words takes 0..999, got {n}")
+    small, tens = (_EN_SMALL, _EN_TENS) if language == "en" else (_RU_SMALL, _RU_TENS)
+    hundreds, rest = divmod(n, 100)
+    words = []
+    if hundreds:
+        words += [_EN_SMALL[hundreds], "hundred"] if language == "en" else [_RU_HUNDREDS[hundreds]]
+    if rest >= 20:
+        words.append(tens[rest // 10])
+        if rest % 10:
+            words.append(small[rest % 10])
+    elif rest or not hundreds:
+        words.append(small[rest])
+    return " ".join(words)
+
+
+def _dialog(n: int, kind: str) -> dict:
+    language, prompt, to_words = KINDS[kind]
+    words = number_words(n, language)
+    user = prompt.format(digits=n, words=words)
+    return {"messages": [{"role": "user", "content": user},
+                         {"role": "assistant", "content": words if to_words else str(n)}],
+            "language": language, "kind": kind, "number": n}
+
+
+@dataclass
+class SyntheticTask:
+    """Training dialogs and held-out test dialogs of the number task."""
+
+    train: list[dict]
+    test: list[dict]
+
+
+def synthetic_dialogs(max_number: int = 300, held_out: float = 0.1, seed: int = 0) -> SyntheticTask:
+    """All four kinds of dialog for the numbers ``0 .. max_number - 1``; a ``held_out`` share of the
+    numbers from 20 up goes to ``test`` (every kind of them), the rest to ``train`` (shuffled)."""
+    if not 21 <= max_number <= 1000:
+        raise ValueError(f"max_number must be in 21..1000, got {max_number}")
+    rng = random.Random(seed)
+    candidates = list(range(20, max_number))
+    test_numbers = set(rng.sample(candidates, max(1, round(held_out * len(candidates)))))
+    train = [_dialog(n, k) for n in range(max_number) if n not in test_numbers for k in KINDS]
+    test = [_dialog(n, k) for n in sorted(test_numbers) for k in KINDS]
+    rng.shuffle(train)
+    return SyntheticTask(train, test)
+
+
+def write_synthetic_task(folder: str | Path, **kwargs) -> dict[str, Path]:
+    """Write ``train_en.jsonl``, ``train_ru.jsonl`` and ``test.jsonl`` into ``folder``; returns the paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    task = synthetic_dialogs(**kwargs)
+    paths = {"train_en": folder / "train_en.jsonl", "train_ru": folder / "train_ru.jsonl", "test": folder / "test.jsonl"}
+    rows = {"train_en": [d for d in task.train if d["language"] == "en"],
+            "train_ru": [d for d in task.train if d["language"] == "ru"], "test": task.test}
+    for name, path in paths.items():
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows[name]), encoding="utf-8")
+    return paths
