@@ -9,12 +9,15 @@ from typing import Any, Literal, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from .backbone import Backbone, ScratchBackbone, load_backbone
 from .data.conversation import Conversation, Turn
 from .data.template import ChatTemplate
+from .errors import ConfigError
 from .metrics import LanguageNelbo
 from .objective import counter_uniform, masked_diffusion_nelbo
+from .resume import apply_optimizer_hparams, changed_hparams, check_resume, describe_resume
 from .schedules import LogLinearSchedule, NoiseSchedule, stratified_times
 
 __all__ = ["MaskedDiffusionLM", "load_model"]
@@ -27,6 +30,27 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization and every_n_train_steps")
 
 _BATCH_TENSORS = ("input_ids", "attention_mask", "loss_mask", "loss_weight", "metric_mask")
+
+
+def check_options(**options: Any) -> None:
+    """One-line errors for out-of-range ``model.*`` options, before anything is loaded or read."""
+    import math
+
+    rules = {
+        "learning_rate": (lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0 (e.g. 1e-4)"),
+        "weight_decay": (lambda v: math.isfinite(v) and v >= 0, "must be a finite number >= 0"),
+        "betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "must be two numbers in [0, 1), e.g. [0.9, 0.98]"),
+        "warmup_steps": (lambda v: v >= 0, "must be >= 0 (0 disables warm-up)"),
+        "min_lr_ratio": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+        "micro_batch_size": (lambda v: v is None or v >= 1, "must be >= 1 (or unset: the whole batch at once)"),
+        "gradient_clip_val": (lambda v: v is None or (math.isfinite(v) and v >= 0), "must be >= 0 (or unset: no clipping)"),
+        "time_eps": (lambda v: 0 < v < 1, "must be in (0, 1), e.g. 1e-3 (the 1/t weight is infinite at t = 0)"),
+        "canvas_length": (lambda v: v >= 1, "must be >= 1"),
+    }
+    for name, value in options.items():
+        ok, what = rules[name]
+        if not ok(value):
+            raise ConfigError(f"model.{name} {what}, got {value}")
 
 
 def _seed(*parts: int) -> int:
@@ -89,8 +113,9 @@ class MaskedDiffusionLM(pl.LightningModule):
             raise TypeError(
                 f"model.schedule must be a diffusion_lm.schedules.NoiseSchedule subclass instance, got {type(schedule).__name__}"
             )
-        if not 0 < time_eps < 1:
-            raise ValueError(f"model.time_eps must be in (0, 1), got {time_eps}")
+        check_options(learning_rate=learning_rate, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
+                      min_lr_ratio=min_lr_ratio, micro_batch_size=micro_batch_size,
+                      gradient_clip_val=gradient_clip_val, time_eps=time_eps, canvas_length=canvas_length)
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.schedule = schedule or LogLinearSchedule()
@@ -111,12 +136,33 @@ class MaskedDiffusionLM(pl.LightningModule):
         trainer = self._trainer
         if not self.hparams.get("health_check", True) or trainer is None:
             return []
-        if isinstance(self.hparams.get("backbone"), ScratchBackbone):
-            # A model built from a config has a random head by construction: nothing to diagnose.
+        if not isinstance(self.hparams.get("backbone"), str):
+            # A model built from a config (a ScratchBackbone, or the plain dict LightningCLI stores
+            # in hparams) has a random head by construction: nothing to diagnose.
             return []
         if any(isinstance(cb, MLMHealthCheck) for cb in trainer.callbacks):
             return []
         return [MLMHealthCheck()]
+
+    # ----------------------------------------------------------------- resuming
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Resume rules (:mod:`diffusion_lm.resume`): the model must be the checkpoint's; other options
+        are the current config's, announced in one line and applied at train start."""
+        trainer = self._trainer
+        if trainer is None:  # load_from_checkpoint: the model was built from the checkpoint itself
+            return
+        saved = checkpoint.get("hyper_parameters") or {}
+        where = str(trainer.ckpt_path or "checkpoint")
+        check_resume(saved, self.hparams, where)
+        if trainer.state.fn == "fit":
+            rank_zero_info(describe_resume(where, checkpoint.get("global_step"), changed_hparams(saved, self.hparams)))
+            self._resumed = True
+
+    def on_train_start(self) -> None:
+        if getattr(self, "_resumed", False):
+            # The restored optimizer and LR scheduler carry the checkpoint's options: apply the config's.
+            self._resumed = False
+            apply_optimizer_hparams(self.optimizers(use_pl_optimizer=False), self.lr_schedulers(), self.hparams)
 
     # ----------------------------------------------------------------- basics
     @property

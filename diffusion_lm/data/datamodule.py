@@ -115,6 +115,15 @@ class SkipSummary:
         return "\n".join(lines)
 
 
+def _check_counts(**options: Optional[int]) -> None:
+    """One-line errors for counts out of range (before any data is read); None means "default"."""
+    minimum = {"num_workers": 0, "max_length": 2}
+    for name, value in options.items():
+        low = minimum.get(name, 1)
+        if value is not None and value < low:
+            raise ConfigError(f"data.{name} must be >= {low}, got {value}")
+
+
 def _column(dataset, name: str):
     """One column as a pyarrow array (``dataset[name]`` is a lazy Column that iterates row by row:
     ~25 s per million rows)."""
@@ -179,6 +188,9 @@ class DialogDataModule(pl.LightningDataModule):
         super().__init__()
         if not sources:
             raise ConfigError("data.sources is empty: give at least one source (path, format, language)")
+        _check_counts(batch_size=batch_size, val_batch_size=val_batch_size, max_length=max_length,
+                      num_workers=num_workers, num_proc=num_proc, group_batches=group_batches,
+                      shuffle_buffer=shuffle_buffer, pad_to_multiple_of=pad_to_multiple_of)
         self.sources = [s if isinstance(s, DataSource) else DataSource(**s) for s in sources]
         labels = [s.label for s in self.sources]
         if len(set(labels)) != len(labels):
@@ -345,7 +357,8 @@ class DialogDataModule(pl.LightningDataModule):
         self._check_model_length()
         trains, vals, info = [], [], []
         for source in self.sources:
-            raw = load_raw(source, cache_dir=self.cache_dir)
+            raw = load_raw(source, cache_dir=self.cache_dir, strict=self.strict,
+                           on_skip=lambda reason, n, label=source.label: self.skipped.add(f"{label}/train", reason, n=n))
             if source.streaming:
                 train, val = self._setup_stream_source(raw, source)
             else:
