@@ -342,36 +342,42 @@ def _scan_jsonl(path: Path, where: str, strict: bool) -> tuple[list[dict], list[
     return records, bad
 
 
-def _load_failure(path: Path, where: str, err: BaseException, strict: bool,
-                  on_skip: Optional[Callable[[str, int], None]]) -> Any:
-    """Explain (one line) why ``datasets`` could not read a local file, or read it ourselves when the
-    only problem is records that are not UTF-8 (skipped and counted unless ``strict``)."""
+def _without_non_utf8(path: Path, where: str, strict: bool, on_skip: Optional[Callable[[str, int], None]]) -> Any:
+    """A local file holding bytes that are not UTF-8 (found up front: Arrow's JSON reader may accept
+    them and fail only when a record is read, mid-tokenisation). A JSON Lines file is read without
+    those lines, counted as skipped ``non_utf8`` records (an error naming line and byte offset under
+    ``strict``); any other file is an error naming the byte offset."""
     import datasets
 
+    if path.suffix.lower() != ".jsonl":
+        offset, line = _first_bad_utf8(path)
+        raise ConfigError(f"{where}: not valid UTF-8 at byte offset {offset} (line {line}); re-encode the file as UTF-8")
+    records, bad = _scan_jsonl(path, where, strict)
+    if not records:
+        raise ConfigError(f"{where}: the file holds no records that are valid UTF-8")
+    if on_skip is not None:
+        on_skip("non_utf8", len(bad))
+    log.warning("data: %s: skipped %d record(s) that are not valid UTF-8 (first: line %d, byte offset %d)",
+                where, len(bad), *bad[0])
+    try:
+        return datasets.Dataset.from_list(records)
+    except Exception as err:  # records whose fields disagree in type
+        raise ConfigError(f"{where}: the records do not share one schema ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else ''})") from None
+
+
+def _load_failure(path: Path, where: str, err: BaseException) -> ConfigError:
+    """One line saying why ``datasets`` could not read a local (UTF-8) file: the first line that is
+    not JSON in a JSON Lines file, an empty file, or the reader's own message."""
     if path.suffix.lower() == ".jsonl":
-        records, bad = _scan_jsonl(path, where, strict)
+        records, _ = _scan_jsonl(path, where, strict=True)  # raises on the first line that is not JSON
         if not records:
-            raise ConfigError(f"{where}: the file holds no records (one JSON object per line)")
-        if bad:
-            if on_skip is not None:
-                on_skip("non_utf8", len(bad))
-            log.warning("data: %s: skipped %d record(s) that are not valid UTF-8 (first: line %d, byte offset %d)",
-                        where, len(bad), *bad[0])
-            try:
-                return datasets.Dataset.from_list(records)
-            except Exception as inner:  # records whose fields disagree in type
-                raise ConfigError(f"{where}: the records do not share one schema ({type(inner).__name__}: "
-                                  f"{str(inner).splitlines()[0] if str(inner) else ''})") from None
-    elif path.suffix.lower() in (".json", ".csv"):
-        bad_utf8 = _first_bad_utf8(path)
-        if bad_utf8 is not None:
-            raise ConfigError(f"{where}: not valid UTF-8 at byte offset {bad_utf8[0]} (line {bad_utf8[1]}); "
-                              "re-encode the file as UTF-8")
+            return ConfigError(f"{where}: the file holds no records (one JSON object per line)")
+    if isinstance(err, StopIteration) or "corresponds to no data" in str(err):
+        return ConfigError(f"{where}: the file holds no records")
     cause = err.__cause__ or err.__context__ or err
     message = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-    if isinstance(err, StopIteration) or "corresponds to no data" in str(err):
-        raise ConfigError(f"{where}: the file holds no records")
-    raise ConfigError(f"{where} could not be read ({type(cause).__name__}: {message})")
+    return ConfigError(f"{where} could not be read ({type(cause).__name__}: {message})")
 
 
 def load_raw(source: DataSource, cache_dir: Optional[str] = None, strict: bool = False,
@@ -392,12 +398,16 @@ def load_raw(source: DataSource, cache_dir: Optional[str] = None, strict: bool =
             ds = ds.to_iterable_dataset()
     else:
         path = Path(source.path)
+        ds = None
         if path.is_file():
             builder = _LOCAL_BUILDERS.get(path.suffix.lower())
             if builder is None:
                 raise ConfigError(f"{where}: unsupported file type {path.suffix!r}; use one of {sorted(_LOCAL_BUILDERS)}")
             if path.stat().st_size == 0:
                 raise ConfigError(f"{where}: the file is empty (no records)")
+            if builder in ("json", "csv") and _first_bad_utf8(path) is not None:
+                ds = _without_non_utf8(path, where, strict, on_skip)
+                ds = ds.to_iterable_dataset() if source.streaming else ds
             args: tuple = (builder,)
             kwargs: dict[str, Any] = {"data_files": str(path), "split": "train"}
             if source.json_field:
@@ -408,17 +418,17 @@ def load_raw(source: DataSource, cache_dir: Optional[str] = None, strict: bool =
         else:
             raise ConfigError(f"{where}: no such file or folder, and not a hub id (owner/name)")
         try:
-            ds = datasets.load_dataset(*args, streaming=source.streaming, cache_dir=cache_dir, **kwargs)
+            if ds is None:
+                ds = datasets.load_dataset(*args, streaming=source.streaming, cache_dir=cache_dir, **kwargs)
         except Exception as err:
             if path.is_file() and not source.streaming:  # say what is wrong with the file, in one line
-                ds = _load_failure(path, where, err, strict, on_skip)
-            elif isinstance(err, (OSError, ValueError)):  # not found, offline, unknown split, unparsable file
+                raise _load_failure(path, where, err) from err
+            if isinstance(err, (OSError, ValueError)):  # not found, offline, unknown split, unparsable file
                 raise ConfigError(
                     f"{where} could not be loaded ({err.__class__.__name__}: {err}). Check the path, subset "
                     "and split; hub datasets need network access or a filled cache (HF_HUB_OFFLINE=1 uses it)."
                 ) from err
-            else:
-                raise
+            raise
     if source.max_samples is not None:
         ds = ds.take(source.max_samples) if source.streaming else ds.select(range(min(source.max_samples, len(ds))))
     return ds
