@@ -29,7 +29,6 @@ from typing import Any, Callable, Optional
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -92,12 +91,15 @@ class PreemptionCheckpoint(Callback):
         if callable(previous):  # a handler the user had installed before training
             previous(signum, frame)
 
-    def _owned_signals(self, trainer: "pl.Trainer") -> list[signal.Signals]:
-        env = getattr(trainer.strategy, "cluster_environment", None)
-        if isinstance(env, SLURMEnvironment) and env.auto_requeue:
-            # Lightning's SLURM handler saves hpc_ckpt_<n>.ckpt and requeues on this signal: keep it.
-            return [s for s in self.signals if s != env.requeue_signal]
-        return list(self.signals)
+    def _owned_signals(self) -> list[signal.Signals]:
+        owned = []
+        for sig in self.signals:
+            if sig != signal.SIGTERM and signal.getsignal(sig) != self._before_lightning.get(sig):
+                # Lightning installed a handler on it since setup: SLURMEnvironment(auto_requeue=True)'s
+                # requeue handler (it saves hpc_ckpt_<n>.ckpt and requeues the job). Keep it.
+                continue
+            owned.append(sig)
+        return owned
 
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         # Before Lightning installs its own handlers (it does so right before the loop starts).
@@ -111,7 +113,7 @@ class PreemptionCheckpoint(Callback):
         if threading.current_thread() is not threading.main_thread():
             log.warning("PreemptionCheckpoint: not in the main thread, signal handlers not installed")
             return
-        for sig in self._owned_signals(trainer):
+        for sig in self._owned_signals():
             self._previous[sig] = signal.getsignal(sig)
             signal.signal(sig, self._handler)
 

@@ -128,3 +128,32 @@ def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path, messag
     assert "138" in str(info.value)
     checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["global_step"] == 2  # rank 0 never got the signal, yet saved at rank 1's step
+
+
+class HandlerProbe(pl.Callback):
+    """Records the SIGTERM and SIGUSR1 handlers in force during training."""
+
+    def __init__(self) -> None:
+        self.handlers = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="POSIX signals")
+def test_slurm_auto_requeue_keeps_lightnings_requeue_handler(tmp_path, messages_jsonl, monkeypatch):
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    for key, value in {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+                       "SLURM_NODEID": "0", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "train"}.items():
+        monkeypatch.setenv(key, value)
+    preemption, probe = PreemptionCheckpoint(), HandlerProbe()
+    model, data = _parts(messages_jsonl)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=1, limit_val_batches=0, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                         default_root_dir=tmp_path, callbacks=[preemption, probe],
+                         plugins=[SLURMEnvironment(auto_requeue=True)])
+    trainer.fit(model, data)
+    assert probe.handlers[signal.SIGTERM] == preemption._handler  # SIGTERM: save and exit 143
+    assert probe.handlers[signal.SIGUSR1] != preemption._handler  # SIGUSR1: Lightning's hpc save + requeue
+    assert callable(probe.handlers[signal.SIGUSR1])
