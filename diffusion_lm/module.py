@@ -43,7 +43,8 @@ def check_options(**options: Any) -> None:
         "warmup_steps": (lambda v: v >= 0, "must be >= 0 (0 disables warm-up)"),
         "min_lr_ratio": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
         "micro_batch_size": (lambda v: v is None or v >= 1, "must be >= 1 (or unset: the whole batch at once)"),
-        "gradient_clip_val": (lambda v: v is None or (math.isfinite(v) and v >= 0), "must be >= 0 (or unset: no clipping)"),
+        "gradient_clip_val": (lambda v: v is None or (math.isfinite(v) and v >= 0),
+                              "must be >= 0 (or unset: no clipping)"),
         "time_eps": (lambda v: 0 < v < 1, "must be in (0, 1), e.g. 1e-3 (the 1/t weight is infinite at t = 0)"),
         "canvas_length": (lambda v: v >= 1, "must be >= 1"),
     }

@@ -138,7 +138,8 @@ class PreemptionCheckpoint(Callback):
     def checkpoint_path(self, trainer: "pl.Trainer") -> str:
         """Where the preemption checkpoint goes (see the class arguments)."""
         callback = trainer.checkpoint_callback
-        dirpath = self.dirpath or getattr(callback, "dirpath", None) or os.path.join(trainer.default_root_dir, "checkpoints")
+        dirpath = (self.dirpath or getattr(callback, "dirpath", None)
+                   or os.path.join(trainer.default_root_dir, "checkpoints"))
         name = self.filename or getattr(callback, "CHECKPOINT_NAME_LAST", None) or "last"
         extension = getattr(callback, "FILE_EXTENSION", None) or ".ckpt"
         return os.path.join(str(dirpath), f"{name}{extension}")

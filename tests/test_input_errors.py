@@ -14,7 +14,7 @@ from diffusion_lm import DataSource, DialogDataModule
 from diffusion_lm.cli import main
 from diffusion_lm.data import CanvasPolicy
 
-from .conftest import DIALOGS, tiny_cli_args, write_jsonl
+from .conftest import DIALOGS, tiny_cli_args
 
 GOOD = json.dumps(DIALOGS[0], ensure_ascii=False)
 NOT_UTF8 = GOOD.replace("Hello", "Hel\xfflo").encode("latin-1")  # one byte that is not UTF-8

@@ -142,7 +142,8 @@ def build_scratch(max_positions: int):
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="runs/demo/lightning_logs/version_0/checkpoints/last.ckpt", help="a .ckpt or an export folder")
+    p.add_argument("--model", default="runs/demo/lightning_logs/version_0/checkpoints/last.ckpt",
+                   help="a .ckpt or an export folder")
     p.add_argument("--scratch", action="store_true", help="use an untrained demo-size scratch model instead")
     p.add_argument("--canvas", type=int, default=None, help="answer slots (default: the model's canvas_length)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])

@@ -145,7 +145,8 @@ class DataSource:
         self.language = self.language or preset.get("language", "en")
         if not math.isfinite(self.weight) or self.weight <= 0:
             raise ConfigError(f"{where}: weight must be a finite number > 0, got {self.weight}")
-        if not math.isfinite(self.val_size) or self.val_size < 0 or (self.val_size >= 1 and self.val_size != int(self.val_size)):
+        fractional_count = self.val_size >= 1 and self.val_size != int(self.val_size)
+        if not math.isfinite(self.val_size) or self.val_size < 0 or fractional_count:
             raise ConfigError(f"{where}: val_size must be a count >= 0 or a fraction < 1, got {self.val_size}")
         if self.streaming and 0 < self.val_size < 1:
             raise ConfigError(

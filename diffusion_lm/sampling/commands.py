@@ -890,7 +890,7 @@ def chat_command(
     the context of every answer (the oldest exchanges are dropped when it no longer fits).
 
     Commands: /reset (start a new conversation), /quit (or end of input). Works with piped stdin:
-    `printf 'Hello\\nAnd you?\\n' | diffusion-lm chat --model runs/demo/lightning_logs/version_0/checkpoints/last.ckpt` prints one answer per line.
+    `printf 'Hello\\nAnd you?\\n' | diffusion-lm chat --model run/checkpoints/last.ckpt` prints one answer per line.
 
     Args:
         model: a .ckpt checkpoint of `diffusion-lm fit` or a `diffusion-lm export` folder.
