@@ -43,6 +43,8 @@ def non_finite_tensors(state_dict: dict) -> list[str]:
     """Names of the floating-point tensors of ``state_dict`` holding a NaN or an infinity."""
     bad = []
     for name, value in state_dict.items():
+        if hasattr(value, "to_local"):  # a DTensor: check this rank's shard (no collective from one rank)
+            value = value.to_local()
         if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
             bad.append(name)
     return bad
@@ -67,7 +69,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__}.save_checkpoint does not take storage_options")
-        with atomic_write(os.fspath(path), "wb") as handle:
+        # follow_symlinks=False: with ModelCheckpoint(save_last="link") last.ckpt is a link to a step
+        # checkpoint, which must not be overwritten; the link itself is replaced by the new file.
+        with atomic_write(os.fspath(path), "wb", follow_symlinks=False) as handle:
             torch.save(checkpoint, handle)
 
     def load_checkpoint(self, path: _PATH, map_location: Optional[Callable] = lambda storage, loc: storage,

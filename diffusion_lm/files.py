@@ -121,16 +121,25 @@ def remove_stale_temps(folder: PathLike, target_name: str | None = None) -> list
 
 
 @contextlib.contextmanager
-def atomic_write(target: PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
+def atomic_write(target: PathLike, mode: str = "w", encoding: str | None = "utf-8",
+                 follow_symlinks: bool = True) -> Iterator[IO]:
     """Write ``target`` all at once: yields a file object; on normal exit the content replaces
     ``target`` atomically, on an exception ``target`` is left as it was and the temp file is removed.
 
     The new file keeps the mode of the file it replaces, or gets the umask's default mode (not the
-    0600 of ``mkstemp``). ``mode`` is ``"w"`` (text) or ``"wb"`` (binary).
+    0600 of ``mkstemp``). ``mode`` is ``"w"`` (text) or ``"wb"`` (binary). A symlinked target is
+    written through the link (``follow_symlinks``) or replaced by a file; a target that exists and is
+    not a regular file (``/dev/stdout``, a FIFO) cannot be replaced and is written directly.
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write mode must be 'w' or 'wb', got {mode!r}")
     target = Path(target)
+    if follow_symlinks and target.is_symlink():
+        target = target.resolve()
+    if target.exists() and not target.is_file() and not target.is_symlink():
+        with open(target, mode, encoding=None if "b" in mode else encoding) as handle:
+            yield handle
+        return
     folder = target.parent if str(target.parent) else Path(".")
     folder.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(folder, target.name)

@@ -134,6 +134,12 @@ class PreemptionCheckpoint(Callback):
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         self._restore()
 
+    def __getstate__(self) -> dict:
+        # Signal handlers belong to one process (and may not pickle): a spawned rank starts clean.
+        state = self.__dict__.copy()
+        state["_previous"], state["_before_lightning"] = {}, {}
+        return state
+
     # ---------------------------------------------------------------------- stopping
     def checkpoint_path(self, trainer: "pl.Trainer") -> str:
         """Where the preemption checkpoint goes (see the class arguments)."""

@@ -7,6 +7,7 @@ import socket
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,3 +113,22 @@ def test_cli_installs_the_atomic_writer_unless_another_checkpoint_io_is_given(tm
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
     cli = DiffusionLMCLI(args=args + ["--trainer.plugins=lightning.pytorch.plugins.TorchCheckpointIO"], run=False)
     assert type(cli.trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO"
+
+
+def test_atomic_write_handles_links_and_devices(tmp_path):
+    real = tmp_path / "real.jsonl"
+    real.write_text("old\n")
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(real)
+    with atomic_write(link) as handle:  # an output path that is a link: the file it points to is replaced
+        handle.write("new\n")
+    assert link.is_symlink() and real.read_text() == "new\n"
+    step = tmp_path / "step=2.ckpt"
+    AtomicCheckpointIO().save_checkpoint(_checkpoint(1.0, step=2), step)
+    last = tmp_path / "last.ckpt"
+    last.symlink_to(step)  # ModelCheckpoint(save_last="link")
+    AtomicCheckpointIO().save_checkpoint(_checkpoint(2.0, step=3), last)
+    assert not last.is_symlink() and torch.load(step, weights_only=False)["global_step"] == 2
+    with atomic_write("/dev/null") as handle:  # not a regular file: written in place, never replaced
+        handle.write("discarded")
+    assert Path("/dev/null").is_char_device()
