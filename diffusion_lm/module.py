@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 import zlib
 from typing import Any, Literal, Optional, Sequence, Union
@@ -34,8 +35,6 @@ _BATCH_TENSORS = ("input_ids", "attention_mask", "loss_mask", "loss_weight", "me
 
 def check_options(**options: Any) -> None:
     """One-line errors for out-of-range ``model.*`` options, before anything is loaded or read."""
-    import math
-
     rules = {
         "learning_rate": (lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0 (e.g. 1e-4)"),
         "weight_decay": (lambda v: math.isfinite(v) and v >= 0, "must be a finite number >= 0"),
