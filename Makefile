@@ -19,9 +19,13 @@ $(STAMP): $(PY) pyproject.toml
 
 setup: $(STAMP)
 
+# The demo's checkpoints follow trainer.default_root_dir (runs/demo/lightning_logs/version_<n>/checkpoints):
+# generate from the last.ckpt of the newest run.
+DEMO_CKPT = $$(ls -td runs/demo/lightning_logs/version_*/checkpoints/last.ckpt | head -n 1)
+
 demo: $(STAMP)
 	$(VENV)/bin/diffusion-lm fit --config configs/demo.yaml
-	$(VENV)/bin/diffusion-lm generate --model runs/demo/last.ckpt --preset quality \
+	$(VENV)/bin/diffusion-lm generate --model "$(DEMO_CKPT)" --preset quality \
 		--prompt "Hello" --prompt "How are you doing?" --prompt "What are your interests" --prompt "do you drink" \
 		--prompt "Привет!" --prompt "Как дела?" --prompt "Ты пьешь?" --prompt "Биржа"
 

@@ -10,7 +10,9 @@ masked-LM class, so its export is a :class:`~diffusion_lm.backbone.T5EncoderForM
 ``AutoModelForMaskedLM`` knows once ``diffusion_lm`` has been imported (see ``docs/models.md``).
 
 Exports are atomic: everything is written into a temporary folder next to the target, reloaded
-and checked, then renamed into place, so a failed export never leaves a half-written folder.
+and checked, fsync'ed and given the umask's modes, then renamed into place, so a failed export never
+leaves a half-written folder. ``overwrite`` replaces an earlier export only: never a folder holding
+checkpoints or the export's own source.
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Sequence, Union
 
 import torch
 
 from .errors import ConfigError
+from .files import fsync_dir, publish_folder
 
 __all__ = [
     "DIFFUSION_CONFIG",
@@ -179,26 +182,66 @@ strengths.
 """
 
 
-def _atomic_write(target: Path, overwrite: bool, write) -> Path:
-    """Run ``write(tmp_dir)`` and move the result to ``target`` in one rename; clean up on failure."""
+def _check_replaceable(target: Path, protect: Sequence[Path]) -> None:
+    """``--overwrite`` replaces an earlier export only: never a folder with checkpoints or the export's source."""
+    for source in protect:
+        source = Path(source).expanduser().resolve()
+        if source == target or target in source.parents:
+            raise ConfigError(f"--output_dir {target} holds the checkpoint being exported ({source}); "
+                              "export to another folder")
+    checkpoint = next((p for p in target.rglob("*.ckpt")), None)
+    if checkpoint is not None:
+        raise ConfigError(f"--output_dir {target} holds checkpoints ({checkpoint}); --overwrite never replaces "
+                          "a folder with checkpoints: export to another folder")
+    if any(target.iterdir()) and not (target / DIFFUSION_CONFIG).is_file():
+        raise ConfigError(f"--output_dir {target} is not a diffusion_lm export (no {DIFFUSION_CONFIG}); "
+                          "--overwrite only replaces an earlier export: choose another folder")
+
+
+def check_target(target: Union[str, Path], overwrite: bool, protect: Sequence[Union[str, Path]] = ()) -> Path:
+    """The resolved export folder, or a one-line :class:`ConfigError` if it may not be (re)placed."""
     target = Path(target).expanduser().resolve()
     if target.exists() and not target.is_dir():
         raise ConfigError(f"--output_dir {target} exists and is not a folder")
     if target.exists() and not overwrite:
         raise ConfigError(f"--output_dir {target} already exists; pass --overwrite true to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    if target.exists():
+        _check_replaceable(target, [Path(p) for p in protect])
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):  # also false on a read-only mount, even for root
+        raise ConfigError(f"--output_dir {target}: {existing} is not writable; choose a writable folder")
+    return target
+
+
+def _atomic_write(target: Path, overwrite: bool, write, protect: Sequence[Path] = ()) -> Path:
+    """Run ``write(tmp_dir)`` and move the result to ``target`` in one rename; clean up on failure.
+
+    The temp folder is created next to ``target`` (same filesystem: the rename is atomic), its files
+    are fsync'ed and given the umask's modes (``mkdtemp`` makes it 0700) before it is published.
+    """
+    target = check_target(target, overwrite, protect)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as err:
+        raise ConfigError(f"--output_dir {target}: cannot write there ({err.strerror or err}); "
+                          "choose a writable folder") from None
     backup: Optional[Path] = None
     try:
         write(tmp)
+        publish_folder(tmp)
         if target.exists():
             backup = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(target, backup)
         os.replace(tmp, target)
-    except BaseException:
+        fsync_dir(target.parent)
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if backup is not None and backup.exists() and not target.exists():
             os.replace(backup, target)
+        if isinstance(err, OSError):  # read-only filesystem, disk full, permissions
+            raise ConfigError(f"--output_dir {target}: writing the export failed ({err.strerror or err}); "
+                              "nothing was changed") from err
         raise
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
@@ -247,6 +290,7 @@ def export_model(
     global_step: Optional[int] = None,
     dtype: Optional[torch.dtype] = None,
     verify: bool = True,
+    protect: Sequence[Union[str, Path]] = (),
 ) -> Path:
     """Write ``model`` (a :class:`~diffusion_lm.MaskedDiffusionLM`) to ``output_dir`` atomically.
 
@@ -258,6 +302,9 @@ def export_model(
         global_step: training step, for the metadata and the model card.
         dtype: save the weights in this dtype (default: as they are, usually float32).
         verify: reload the folder with ``AutoModelForMaskedLM`` and compare logits before publishing it.
+        protect: files that must survive (the source checkpoint): a folder holding one is never replaced.
+
+    ``overwrite`` replaces an earlier export only, never a folder holding ``*.ckpt`` checkpoints.
     """
     hf_model = model.net.model
     cfg = diffusion_config(model, weights=weights, data_summary=data_summary, global_step=global_step)
@@ -278,7 +325,7 @@ def export_model(
         if verify:
             _verify(tmp, model, dtype)
 
-    target = _atomic_write(Path(output_dir), overwrite, write)
+    target = _atomic_write(Path(output_dir), overwrite, write, protect=protect)
     log.info("exported %s weights to %s", weights, target)
     return target
 
@@ -309,12 +356,17 @@ def export_checkpoint(
     weights and ``current_model_state`` the raw ones; ``weights="auto"`` exports the EMA weights
     when present, ``current`` the raw ones, ``ema`` insists on EMA.
     """
+    from .checkpoint_io import unreadable_checkpoint_message
     from .module import MaskedDiffusionLM
 
     ckpt_path = str(ckpt_path)
     if not os.path.isfile(ckpt_path):
         raise ConfigError(f"--ckpt_path {ckpt_path!r}: no such checkpoint file")
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+    check_target(output_dir, overwrite, [ckpt_path])  # before the (slow) load
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:  # truncated file, not a checkpoint
+        raise ConfigError(f"--ckpt_path: {unreadable_checkpoint_message(ckpt_path, err)}") from None
     has_ema = "current_model_state" in checkpoint
     if weights == "ema" and not has_ema:
         raise ConfigError(
@@ -330,7 +382,7 @@ def export_checkpoint(
     model.eval()
     label = "ema" if has_ema and current_state is None else "current"
     return export_model(model, output_dir, overwrite=overwrite, weights=label, data_summary=summary,
-                        global_step=global_step, dtype=dtype, verify=verify)
+                        global_step=global_step, dtype=dtype, verify=verify, protect=[ckpt_path])
 
 
 def export_command(

@@ -11,13 +11,15 @@ from typing import Any, Literal, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from .backbone import Backbone, ScratchBackbone, load_backbone
 from .data.conversation import Conversation, Turn
 from .data.template import ChatTemplate
-from .errors import TrainingDiverged
+from .errors import ConfigError, TrainingDiverged
 from .metrics import LanguageNelbo
 from .objective import counter_uniform_at, masked_diffusion_nelbo
+from .resume import apply_optimizer_hparams, changed_hparams, check_resume, describe_resume
 from .schedules import LogLinearSchedule, NoiseSchedule, indexed_times, stratified_times
 
 __all__ = ["MaskedDiffusionLM", "load_model"]
@@ -31,6 +33,27 @@ warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual opt
 
 # Per-token tensors of a batch (rows x positions); the other keys are per example.
 _ROW_TENSORS = ("input_ids", "attention_mask", "loss_mask", "loss_weight", "metric_mask", "example", "position")
+
+
+def check_options(**options: Any) -> None:
+    """One-line errors for out-of-range ``model.*`` options, before anything is loaded or read."""
+    rules = {
+        "learning_rate": (lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0 (e.g. 1e-4)"),
+        "weight_decay": (lambda v: math.isfinite(v) and v >= 0, "must be a finite number >= 0"),
+        "betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "must be two numbers in [0, 1), e.g. [0.9, 0.98]"),
+        "warmup_steps": (lambda v: v >= 0, "must be >= 0 (0 disables warm-up)"),
+        "min_lr_ratio": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+        "micro_batch_size": (lambda v: v is None or v >= 1, "must be >= 1 (or unset: the whole batch at once)"),
+        "gradient_clip_val": (lambda v: v is None or (math.isfinite(v) and v >= 0),
+                              "must be >= 0 (or unset: no clipping)"),
+        "time_eps": (lambda v: 0 < v < 1, "must be in (0, 1), e.g. 1e-3 (the 1/t weight is infinite at t = 0)"),
+        "canvas_length": (lambda v: v >= 1, "must be >= 1"),
+        "max_nonfinite_steps": (lambda v: v >= 1, "must be >= 1"),
+    }
+    for name, value in options.items():
+        ok, what = rules[name]
+        if not ok(value):
+            raise ConfigError(f"model.{name} {what}, got {value}")
 
 
 def _seed(*parts: Any) -> int:
@@ -104,8 +127,10 @@ class MaskedDiffusionLM(pl.LightningModule):
             raise TypeError(
                 f"model.schedule must be a diffusion_lm.schedules.NoiseSchedule subclass instance, got {type(schedule).__name__}"
             )
-        if not 0 < time_eps < 1:
-            raise ValueError(f"model.time_eps must be in (0, 1), got {time_eps}")
+        check_options(learning_rate=learning_rate, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
+                      min_lr_ratio=min_lr_ratio, micro_batch_size=micro_batch_size,
+                      gradient_clip_val=gradient_clip_val, time_eps=time_eps, canvas_length=canvas_length,
+                      max_nonfinite_steps=max_nonfinite_steps)
         self.save_hyperparameters()
         # Plain data in hparams, as LightningCLI stores them: checkpoints then load with
         # torch.load(weights_only=True) (Lightning's default) whatever schedule class was used.
@@ -140,12 +165,36 @@ class MaskedDiffusionLM(pl.LightningModule):
         out: list = [] if any(issubclass(t, BatchComposition) for t in present) else [BatchComposition()]
         if not self.hparams.get("health_check", True):
             return out
-        if isinstance(self.hparams.get("backbone"), (ScratchBackbone, dict)):
-            # A model built from a config has a random head by construction: nothing to diagnose.
+        if not isinstance(self.hparams.get("backbone"), str):
+            # A model built from a config (a ScratchBackbone, or the plain dict LightningCLI stores
+            # in hparams) has a random head by construction: nothing to diagnose.
             return out
         if any(issubclass(t, MLMHealthCheck) for t in present):
             return out
         return out + [MLMHealthCheck()]
+
+    # ----------------------------------------------------------------- resuming
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Resume rules (:mod:`diffusion_lm.resume`): the model must be the checkpoint's; other options
+        are the current config's, announced in one line and applied at train start."""
+        state = checkpoint.get("diffusion_lm_training") or {}
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self._nonfinite_streak = int(state.get("nonfinite_streak", 0))
+        trainer = self._trainer
+        if trainer is None:  # load_from_checkpoint: the model was built from the checkpoint itself
+            return
+        saved = checkpoint.get("hyper_parameters") or {}
+        where = str(trainer.ckpt_path or "checkpoint")
+        check_resume(saved, self.hparams, where)
+        if trainer.state.fn == "fit":
+            rank_zero_info(describe_resume(where, checkpoint.get("global_step"), changed_hparams(saved, self.hparams)))
+            self._resumed = True
+
+    def on_train_start(self) -> None:
+        if getattr(self, "_resumed", False):
+            # The restored optimizer and LR scheduler carry the checkpoint's options: apply the config's.
+            self._resumed = False
+            apply_optimizer_hparams(self.optimizers(use_pl_optimizer=False), self.lr_schedulers(), self.hparams)
 
     # ----------------------------------------------------------------- basics
     @property
@@ -297,11 +346,6 @@ class MaskedDiffusionLM(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["diffusion_lm_training"] = {"skipped_steps": self.skipped_steps,
                                                "nonfinite_streak": self._nonfinite_streak}
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint.get("diffusion_lm_training") or {}
-        self.skipped_steps = int(state.get("skipped_steps", 0))
-        self._nonfinite_streak = int(state.get("nonfinite_streak", 0))
 
     # ------------------------------------------------------------ validation
     def _eval_step(self, batch: dict, batch_idx: int, metrics: LanguageNelbo) -> None:

@@ -123,3 +123,33 @@ def test_recipe_instantiates_through_the_cli(recipe, stand_ins, snapshots, tmp_p
     batch = next(iter(data.train_dataloader()))
     assert len(batch["sample_index"]) == 4 and set(batch["language"]) <= {"en", "ru"}
     assert data.summary["per_language"].keys() == {"en", "ru"}
+
+
+def test_demo_checkpoints_and_logs_follow_default_root_dir(tmp_path, monkeypatch):
+    """No folder is pinned in the demo: `--trainer.default_root_dir=X` moves checkpoints and logs to X,
+    where the Makefile's generate step looks for them."""
+    from diffusion_lm.cli import main
+
+    raw = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text(encoding="utf-8"))
+    assert "logger" not in raw["trainer"]
+    checkpoint = next(c for c in raw["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint"))
+    assert "dirpath" not in checkpoint["init_args"]
+    checkpoint["init_args"]["every_n_train_steps"] = 1  # the demo's own callback, saving at once
+    config = tmp_path / "demo-fast.yaml"
+    config.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    root = tmp_path / "X"
+    main(["fit", "--config", str(config), f"--trainer.default_root_dir={root}", "--trainer.max_steps=2",
+          "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false", "--data.batch_size=4"])
+    assert list(cwd.iterdir()) == []  # nothing in ./runs/demo
+    run = root / "lightning_logs" / "version_0"
+    assert {p.name for p in (run / "checkpoints").iterdir()} == {"step=2.ckpt", "last.ckpt"}
+    assert list(run.glob("events.out.tfevents.*")) and (run / "config.yaml").is_file()  # TensorBoard, saved config
+    # The Makefile's generate step finds the checkpoint with its glob, relative to the demo's folder.
+    glob = next(line for line in (REPO / "Makefile").read_text().splitlines() if line.startswith("DEMO_CKPT"))
+    pattern = glob.split("ls -td ", 1)[1].split(" |", 1)[0]
+    assert pattern.startswith(raw["trainer"]["default_root_dir"] + "/")
+    relative = pattern[len(raw["trainer"]["default_root_dir"]) + 1:]
+    assert list(root.glob(relative)) == [run / "checkpoints" / "last.ckpt"]

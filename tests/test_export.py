@@ -4,6 +4,8 @@ identical logits and identical generations from the checkpoint and from the expo
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -173,6 +175,7 @@ def test_failed_export_leaves_no_folder_and_keeps_the_old_one(trained, tmp_path,
     target = tmp_path / "out"
     target.mkdir()
     (target / "marker").write_text("old")
+    (target / "diffusion_config.json").write_text("{}")  # an earlier export: --overwrite may replace it
     with pytest.raises(ConfigError, match="already exists"):
         export_model(model, target)
 
@@ -203,3 +206,66 @@ def test_export_command_writes_bf16_weights(trained, tmp_path, capsys):
     model = AutoModelForMaskedLM.from_pretrained(out, dtype="auto")
     assert next(model.parameters()).dtype == torch.bfloat16
     assert load_model(str(out)).generate(PROMPTS[:1], seed=0).ids is not None
+
+
+def _one_line_error(args, capsys, after_loading: bool = False) -> str:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and not (after_loading and "Loading weights" in line)]
+    assert len(lines) == 1 and lines[0].startswith("diffusion-lm: error: ") and "Traceback" not in err, lines
+    return lines[0]
+
+
+def test_overwrite_never_deletes_checkpoints_or_the_source(trained, tmp_path, capsys):
+    import shutil
+
+    ckpt, _ = trained("bert")
+    run = ckpt.parent
+    before = sorted(run.rglob("*"))
+    for target, expected in [(run, "holds the checkpoint being exported"),
+                             (run.parent, "holds the checkpoint being exported")]:
+        line = _one_line_error(["export", "--ckpt_path", str(ckpt), "--output_dir", str(target), "--overwrite", "true"],
+                               capsys)
+        assert expected in line
+    other = tmp_path / "other-run" / "checkpoints"
+    other.mkdir(parents=True)
+    shutil.copy(ckpt, other / "step=5.ckpt")
+    line = _one_line_error(["export", "--ckpt_path", str(ckpt), "--output_dir", str(other.parent),
+                            "--overwrite", "true"], capsys)
+    assert "holds checkpoints" in line and "step=5.ckpt" in line
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me")
+    line = _one_line_error(["export", "--ckpt_path", str(ckpt), "--output_dir", str(notes), "--overwrite", "true"],
+                           capsys)
+    assert "not a diffusion_lm export" in line
+    assert sorted(run.rglob("*")) == before and (other / "step=5.ckpt").exists() and (notes / "todo.txt").exists()
+
+
+def test_export_files_get_the_umask_modes(trained, tmp_path):
+    ckpt, _ = trained("bert")
+    folder = export_checkpoint(ckpt, tmp_path / "served", verify=False)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask  # not mkdtemp's 0700
+    assert {stat.S_IMODE(p.stat().st_mode) for p in folder.rglob("*") if p.is_file()} == {0o666 & ~umask}
+
+
+def test_export_to_a_read_only_place_or_from_a_truncated_checkpoint_is_one_line(trained, tmp_path, monkeypatch,
+                                                                                  capsys):
+    ckpt, _ = trained("bert")
+    truncated = tmp_path / "cut.ckpt"
+    truncated.write_bytes(ckpt.read_bytes()[:4096])
+    line = _one_line_error(["export", "--ckpt_path", str(truncated), "--output_dir", str(tmp_path / "a")], capsys)
+    assert "cut.ckpt cannot be read" in line and "truncated" in line
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("diffusion_lm.export.tempfile.mkdtemp", read_only)
+    line = _one_line_error(["export", "--ckpt_path", str(ckpt), "--output_dir", str(tmp_path / "b")], capsys,
+                           after_loading=True)
+    assert "cannot write there (Permission denied)" in line

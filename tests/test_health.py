@@ -89,7 +89,9 @@ def test_health_check_separates_a_trained_mlm_from_a_random_head(folders, data_f
     assert trained.verdict == "healthy", trained.table()
     assert random.verdict == "no_mlm", random.table()
     assert [r.rate for r in trained.results] == [0.15, 0.5, 0.9]
-    assert trained.results[0].accuracy > 0.4 > 0.05 > random.results[0].accuracy
+    # A random head is right by chance only (a few tokens of this ~70-token sample; the count moves
+    # with the tiny tokenizer's training, which is not bit-stable across machines).
+    assert trained.results[0].accuracy > 0.4 > 0.2 > random.results[0].accuracy
     assert trained.results[0].nll < trained.unigram_nll - 1.0 < random.results[0].nll
     # A random head sits near the uniform NLL log V; the sample's own frequencies do better.
     assert random.results[0].nll == pytest.approx(random.uniform_nll, abs=1.0)
@@ -173,6 +175,18 @@ def test_models_built_from_a_config_get_no_automatic_check(data_file, tmp_path):
     assert not any(isinstance(cb, MLMHealthCheck) for cb in trainer.callbacks)
 
 
+def test_cli_models_built_from_a_config_get_no_automatic_check(data_file, tmp_path, monkeypatch):
+    # Through LightningCLI the from-scratch backbone reaches hparams as a plain dict, not a ScratchBackbone.
+    from .conftest import tiny_cli_args
+
+    ran = []
+    monkeypatch.setattr(MLMHealthCheck, "on_fit_start", lambda self, trainer, module: ran.append(module))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MLMHealthWarning)
+        main(["fit"] + tiny_cli_args(tmp_path, data_file, "--trainer.max_steps=1"))
+    assert ran == []
+
+
 def test_check_is_skipped_when_resuming(folders, data_file, tmp_path):
     model = MaskedDiffusionLM(str(folders["trained"]), warmup_steps=0, health_check=False)
     _trainer(tmp_path, enable_checkpointing=True).fit(model, _data(data_file))
@@ -215,3 +229,17 @@ def test_report_table_and_metrics_are_complete(folders, data_file):
     assert all(isinstance(v, float) for v in metrics.values())
     assert "verdict: healthy" in report.table()
     assert sum(r.tokens for r in itertools.islice(report.results, 1)) > 20
+
+
+def test_a_trained_model_answers_the_same_batched_and_one_by_one(folders):
+    """Batch padding changes the float rounding of a real encoder's kernels, so only agreement is
+    expected, and only where the model is sure (docs/sampling.md); this quickly trained MLM (the
+    fixture above) is sure of its memorised answers, unlike a freshly initialised model."""
+    from diffusion_lm.sampling import SamplerConfig
+
+    model = MaskedDiffusionLM(str(folders["trained"]), health_check=False).eval()
+    prompts = [r["messages"][0]["content"] for r in REPETITIVE[:3]]
+    greedy = SamplerConfig.preset("greedy", window="full")
+    batched = model.generate(prompts, sampler=greedy, canvas_length=12)
+    single = [model.generate([p], sampler=greedy, canvas_length=12).texts[0] for p in prompts]
+    assert batched.texts == single

@@ -8,7 +8,7 @@ every row: no EOS stop, no finished-row skipping, no repetition guard. *Ours* ru
 logits only at the current block's masked slots, finished rows dropped), ``fast`` (threshold 0.9:
 several tokens per forward) and ``quality`` (sampling, one token per forward)::
 
-    python tools/bench_sample.py --model runs/demo/last.ckpt
+    python tools/bench_sample.py --model runs/demo/lightning_logs/version_0/checkpoints/last.ckpt
     python tools/bench_sample.py --scratch --canvas 64          # no checkpoint: an untrained scratch model
 
 Each variant answers the same prompts at batch 1 (one prompt per call) and batch 8 (all at once);
@@ -142,7 +142,8 @@ def build_scratch(max_positions: int):
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="runs/demo/last.ckpt", help="a .ckpt or an export folder")
+    p.add_argument("--model", default="runs/demo/lightning_logs/version_0/checkpoints/last.ckpt",
+                   help="a .ckpt or an export folder")
     p.add_argument("--scratch", action="store_true", help="use an untrained demo-size scratch model instead")
     p.add_argument("--canvas", type=int, default=None, help="answer slots (default: the model's canvas_length)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])

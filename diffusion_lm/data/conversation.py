@@ -18,6 +18,7 @@ ROLES = ("system", "user", "assistant")
 
 # reason -> what it means. Order: record shape, then message fields, then dialog structure, then length.
 SKIP_REASONS: dict[str, str] = {
+    "non_utf8": "the record's line in a JSON Lines file is not valid UTF-8 (strict mode names the byte offset)",
     "missing_column": "the record has no field holding the messages (or the prompt/response column)",
     "malformed_messages": "the messages field is not a list of message objects",
     "empty_conversation": "the message list is empty (or a chatterbot dialog has no answered line)",

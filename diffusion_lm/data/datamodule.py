@@ -116,6 +116,15 @@ class SkipSummary:
         return "\n".join(lines)
 
 
+def _check_counts(**options: Optional[int]) -> None:
+    """One-line errors for counts out of range (before any data is read); None means "default"."""
+    minimum = {"num_workers": 0, "max_length": 2}
+    for name, value in options.items():
+        low = minimum.get(name, 1)
+        if value is not None and value < low:
+            raise ConfigError(f"data.{name} must be >= {low}, got {value}")
+
+
 def _column(dataset, name: str):
     """One column as a pyarrow array (``dataset[name]`` is a lazy Column that iterates row by row:
     ~25 s per million rows)."""
@@ -194,6 +203,9 @@ class DialogDataModule(pl.LightningDataModule):
         super().__init__()
         if not sources:
             raise ConfigError("data.sources is empty: give at least one source (path, format, language)")
+        _check_counts(batch_size=batch_size, val_batch_size=val_batch_size, max_length=max_length,
+                      num_workers=num_workers, num_proc=num_proc, group_batches=group_batches,
+                      shuffle_buffer=shuffle_buffer, pad_to_multiple_of=pad_to_multiple_of, pack_length=pack_length)
         self.sources = [s if isinstance(s, DataSource) else DataSource(**s) for s in sources]
         labels = [s.label for s in self.sources]
         if len(set(labels)) != len(labels):
@@ -223,8 +235,6 @@ class DialogDataModule(pl.LightningDataModule):
             raise ConfigError(f"data.batching must be packed, padded or grouped, got {batching!r}")
         if group_batches is not None and batching != "grouped":
             raise ConfigError(f"data.group_batches applies to data.batching: grouped only (batching is {batching!r})")
-        if group_batches is not None and group_batches < 1:
-            raise ConfigError(f"data.group_batches must be >= 1, got {group_batches}")
         if pack_length is not None and batching != "packed":
             raise ConfigError(f"data.pack_length applies to data.batching: packed only (batching is {batching!r})")
         if pack_length is not None and pack_length < max_length:
@@ -374,7 +384,8 @@ class DialogDataModule(pl.LightningDataModule):
         self._check_model_length()
         trains, vals, info = [], [], []
         for source in self.sources:
-            raw = load_raw(source, cache_dir=self.cache_dir)
+            raw = load_raw(source, cache_dir=self.cache_dir, strict=self.strict,
+                           on_skip=lambda reason, n, label=source.label: self.skipped.add(f"{label}/train", reason, n=n))
             if source.streaming:
                 train, val = self._setup_stream_source(raw, source)
             else:

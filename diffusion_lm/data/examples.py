@@ -30,7 +30,7 @@ __all__ = ["ExampleBuilder", "PackRecord", "example_features", "skip_key", "pars
 log = logging.getLogger(__name__)
 
 # Bump when the layout of the produced examples changes: it invalidates the tokenisation cache.
-EXAMPLE_FORMAT_VERSION = 1
+EXAMPLE_FORMAT_VERSION = 2  # 2: special-token spellings in text are plain text
 
 PACKED_COLUMN = "__record"
 

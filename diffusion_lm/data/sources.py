@@ -8,6 +8,10 @@ raw record to a list of turns or raises :class:`BadRecord` with a reason to coun
 
 from __future__ import annotations
 
+import codecs
+import json
+import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +57,8 @@ _FORMAT_KEYS = {"messages": ("messages", "role", "content"), "sharegpt": ("conve
 
 # chatterbot-corpus folder names for the ISO codes we use as `language`.
 CHATTERBOT_LANGUAGES = {"en": "english", "ru": "russian", "uk": "ukrainian", "de": "german", "fr": "french"}
+
+log = logging.getLogger(__name__)
 
 _LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -137,9 +143,10 @@ class DataSource:
         if preset and self.format == preset["format"]:
             self.column = self.column or preset.get("column")
         self.language = self.language or preset.get("language", "en")
-        if self.weight <= 0:
-            raise ConfigError(f"{where}: weight must be > 0, got {self.weight}")
-        if self.val_size < 0 or (self.val_size >= 1 and self.val_size != int(self.val_size)):
+        if not math.isfinite(self.weight) or self.weight <= 0:
+            raise ConfigError(f"{where}: weight must be a finite number > 0, got {self.weight}")
+        fractional_count = self.val_size >= 1 and self.val_size != int(self.val_size)
+        if not math.isfinite(self.val_size) or self.val_size < 0 or fractional_count:
             raise ConfigError(f"{where}: val_size must be a count >= 0 or a fraction < 1, got {self.val_size}")
         if self.streaming and 0 < self.val_size < 1:
             raise ConfigError(
@@ -280,10 +287,108 @@ def iter_chatterbot_texts(languages: list[str]) -> Iterator[str]:
             yield from (u for u in rec["utterances"] if isinstance(u, str))
 
 
-def load_raw(source: DataSource, cache_dir: Optional[str] = None) -> Any:
+def _first_bad_utf8(path: Path) -> Optional[tuple[int, int]]:
+    """``(byte offset, line number)`` of the first byte sequence in ``path`` that is not UTF-8, or None."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, line = 0, 1
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                # The decoder may hold back up to 3 bytes of an unfinished sequence from the last chunk.
+                pending = len(decoder.getstate()[0])
+                start = max(0, offset + err.start - pending)
+                handle.seek(0)
+                return start, handle.read(start).count(b"\n") + 1
+            offset += len(chunk)
+            line += chunk.count(b"\n")
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return offset - len(decoder.getstate()[0]), line
+    return None
+
+
+def _scan_jsonl(path: Path, where: str, strict: bool) -> tuple[list[dict], list[tuple[int, int]]]:
+    """Parse a JSON Lines file line by line: ``(records, [(line, byte offset)] of non-UTF-8 lines)``.
+
+    A line that is not JSON, or not an object, is an error naming it; a non-UTF-8 line is an error
+    in strict mode and is returned as skipped otherwise.
+    """
+    records, bad = [], []
+    offset = 0
+    with path.open("rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            start, offset = offset, offset + len(raw)
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                if strict:
+                    raise ConfigError(f"{where}: line {lineno} is not valid UTF-8 (byte offset {start + err.start}); "
+                                      "re-encode the file as UTF-8, or set data.strict=false to skip such records")
+                bad.append((lineno, start + err.start))
+                continue
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{where}: line {lineno} is not valid JSON ({err.msg} at column {err.colno}); "
+                                  "fix or remove that line") from None
+            if not isinstance(record, dict):
+                raise ConfigError(f"{where}: line {lineno} is a JSON {type(record).__name__}, not an object "
+                                  "(one record object per line)")
+            records.append(record)
+    return records, bad
+
+
+def _without_non_utf8(path: Path, where: str, strict: bool, on_skip: Optional[Callable[[str, int], None]]) -> Any:
+    """A local file holding bytes that are not UTF-8 (found up front: Arrow's JSON reader may accept
+    them and fail only when a record is read, mid-tokenisation). A JSON Lines file is read without
+    those lines, counted as skipped ``non_utf8`` records (an error naming line and byte offset under
+    ``strict``); any other file is an error naming the byte offset."""
+    import datasets
+
+    if path.suffix.lower() != ".jsonl":
+        offset, line = _first_bad_utf8(path)
+        raise ConfigError(f"{where}: not valid UTF-8 at byte offset {offset} (line {line}); re-encode the file as UTF-8")
+    records, bad = _scan_jsonl(path, where, strict)
+    if not records:
+        raise ConfigError(f"{where}: the file holds no records that are valid UTF-8")
+    if on_skip is not None:
+        on_skip("non_utf8", len(bad))
+    log.warning("data: %s: skipped %d record(s) that are not valid UTF-8 (first: line %d, byte offset %d)",
+                where, len(bad), *bad[0])
+    try:
+        return datasets.Dataset.from_list(records)
+    except Exception as err:  # records whose fields disagree in type
+        raise ConfigError(f"{where}: the records do not share one schema ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else ''})") from None
+
+
+def _load_failure(path: Path, where: str, err: BaseException) -> ConfigError:
+    """One line saying why ``datasets`` could not read a local (UTF-8) file: the first line that is
+    not JSON in a JSON Lines file, an empty file, or the reader's own message."""
+    if path.suffix.lower() == ".jsonl":
+        records, _ = _scan_jsonl(path, where, strict=True)  # raises on the first line that is not JSON
+        if not records:
+            return ConfigError(f"{where}: the file holds no records (one JSON object per line)")
+    if isinstance(err, StopIteration) or "corresponds to no data" in str(err):
+        return ConfigError(f"{where}: the file holds no records")
+    cause = err.__cause__ or err.__context__ or err
+    message = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    return ConfigError(f"{where} could not be read ({type(cause).__name__}: {message})")
+
+
+def load_raw(source: DataSource, cache_dir: Optional[str] = None, strict: bool = False,
+             on_skip: Optional[Callable[[str, int], None]] = None) -> Any:
     """The raw records of a source: a ``datasets.Dataset``, or an ``IterableDataset`` if streaming.
 
-    ``max_samples`` is applied here (the first records), before any validation split.
+    ``max_samples`` is applied here (the first records), before any validation split. A local file
+    that ``datasets`` cannot read is a one-line :class:`ConfigError` naming the file and line
+    (empty file, a line that is not JSON, bytes that are not UTF-8); in a JSON Lines file, records
+    that are not UTF-8 are skipped and reported as ``on_skip("non_utf8", count)`` unless ``strict``.
     """
     import datasets
 
@@ -294,10 +399,16 @@ def load_raw(source: DataSource, cache_dir: Optional[str] = None) -> Any:
             ds = ds.to_iterable_dataset()
     else:
         path = Path(source.path)
+        ds = None
         if path.is_file():
             builder = _LOCAL_BUILDERS.get(path.suffix.lower())
             if builder is None:
                 raise ConfigError(f"{where}: unsupported file type {path.suffix!r}; use one of {sorted(_LOCAL_BUILDERS)}")
+            if path.stat().st_size == 0:
+                raise ConfigError(f"{where}: the file is empty (no records)")
+            if builder in ("json", "csv") and _first_bad_utf8(path) is not None:
+                ds = _without_non_utf8(path, where, strict, on_skip)
+                ds = ds.to_iterable_dataset() if source.streaming else ds
             args: tuple = (builder,)
             kwargs: dict[str, Any] = {"data_files": str(path), "split": "train"}
             if source.json_field:
@@ -308,12 +419,17 @@ def load_raw(source: DataSource, cache_dir: Optional[str] = None) -> Any:
         else:
             raise ConfigError(f"{where}: no such file or folder, and not a hub id (owner/name)")
         try:
-            ds = datasets.load_dataset(*args, streaming=source.streaming, cache_dir=cache_dir, **kwargs)
-        except (OSError, ValueError) as err:  # not found, offline, unknown split, unparsable file
-            raise ConfigError(
-                f"{where} could not be loaded ({err.__class__.__name__}: {err}). Check the path, subset "
-                "and split; hub datasets need network access or a filled cache (HF_HUB_OFFLINE=1 uses it)."
-            ) from err
+            if ds is None:
+                ds = datasets.load_dataset(*args, streaming=source.streaming, cache_dir=cache_dir, **kwargs)
+        except Exception as err:
+            if path.is_file() and not source.streaming:  # say what is wrong with the file, in one line
+                raise _load_failure(path, where, err) from err
+            if isinstance(err, (OSError, ValueError)):  # not found, offline, unknown split, unparsable file
+                raise ConfigError(
+                    f"{where} could not be loaded ({err.__class__.__name__}: {err}). Check the path, subset "
+                    "and split; hub datasets need network access or a filled cache (HF_HUB_OFFLINE=1 uses it)."
+                ) from err
+            raise
     if source.max_samples is not None:
         ds = ds.take(source.max_samples) if source.streaming else ds.select(range(min(source.max_samples, len(ds))))
     return ds

@@ -78,15 +78,18 @@ class ChatTemplate:
         self._fingerprint: Optional[str] = None
 
     def encode_text(self, text: str) -> list[int]:
-        """Token ids of plain text, with no special tokens."""
+        """Token ids of plain text, with no special tokens: a special token's spelling inside the text
+        (``[MASK]``, ``[SEP]``) is tokenised as the characters it is made of, so user or training text
+        never injects a mask, end or pad token (an infill text with a literal ``[MASK]`` gets no extra hole)."""
         # verbose=False: no "longer than the model maximum" warning; length limits are applied on ids.
-        return list(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"])
 
     def encode_texts(self, texts: Sequence[str]) -> list[list[int]]:
         """``encode_text`` of many texts in one tokenizer call (the same ids, faster)."""
         if not texts:
             return []
-        return [list(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]]
+        out = self.tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True, verbose=False)
+        return [list(ids) for ids in out["input_ids"]]
 
     def header_ids(self, role: str) -> list[int]:
         """Ids of the role header (e.g. ``Assistant:``)."""

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence, TextIO, Union
 
 from ..errors import ConfigError
+from ..files import append_line, atomic_write
 from .config import PRESETS, SamplerConfig
 from .policies import BlockWindow, GreedyProposer, SampleProposer, ScheduleSelector, ThresholdSelector
 
@@ -95,7 +96,7 @@ def load_sampler_spec(spec: Union[SamplerSpec, SamplerConfig]) -> Union[None, st
     path = Path(text).expanduser()
     if path.is_file():
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            data = yaml.safe_load(_read_utf8(path, f"--sampler {text}"))
         except yaml.YAMLError as err:
             raise ConfigError(f"--sampler {text}: not valid YAML ({str(err).splitlines()[0]})") from None
         where = text
@@ -274,28 +275,28 @@ def read_prompt_file(path: str) -> list[PromptRecord]:
     if not file.is_file():
         raise ConfigError(f"--input {path!r}: no such file")
     records: list[PromptRecord] = []
-    with file.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path} line {lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(obj, dict):
-                raise ConfigError(f"{where}: expected an object with \"prompt\" or \"messages\"")
-            if "messages" in obj:
-                turns = _turns_from_messages(obj["messages"], where)
-            elif "prompt" in obj:
-                if not isinstance(obj["prompt"], str) or not obj["prompt"].strip():
-                    raise ConfigError(f"{where}: \"prompt\" is empty or not a string")
-                turns = [Turn("user", obj["prompt"])]
-            else:
-                raise ConfigError(f"{where}: needs a \"prompt\" string or a \"messages\" list (keys: {sorted(obj)})")
-            language = obj.get("language")
-            records.append(PromptRecord(obj.get("id", len(records)), turns, turns[-1].content,
-                                        str(language) if language is not None else None))
+    text = _read_utf8(file, path)
+    for lineno, line in enumerate(text.split("\n"), start=1):  # JSON Lines: only \n ends a line
+        if not line.strip():
+            continue
+        where = f"{path} line {lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(obj, dict):
+            raise ConfigError(f"{where}: expected an object with \"prompt\" or \"messages\"")
+        if "messages" in obj:
+            turns = _turns_from_messages(obj["messages"], where)
+        elif "prompt" in obj:
+            if not isinstance(obj["prompt"], str) or not obj["prompt"].strip():
+                raise ConfigError(f"{where}: \"prompt\" is empty or not a string")
+            turns = [Turn("user", obj["prompt"])]
+        else:
+            raise ConfigError(f"{where}: needs a \"prompt\" string or a \"messages\" list (keys: {sorted(obj)})")
+        language = obj.get("language")
+        records.append(PromptRecord(obj.get("id", len(records)), turns, turns[-1].content,
+                                    str(language) if language is not None else None))
     if not records:
         raise ConfigError(f"--input {path!r} holds no prompts (one JSON object per line: {{\"prompt\": \"...\"}})")
     return records
@@ -375,10 +376,29 @@ def _row_stats(stats) -> dict:
 
 
 def _open_output(path: str):
+    """``--output``: written whole or not at all (a failed run leaves the previous file untouched)."""
+    return atomic_write(Path(path).expanduser())
+
+
+def _open_transcript(path: str):
+    """``--transcript``: appended to, one durable line per turn."""
     target = Path(path).expanduser()
-    if target.parent and not target.parent.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-    return target.open("w", encoding="utf-8")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return target.open("a", encoding="utf-8")
+
+
+def _not_utf8(where: str, raw: bytes, err: UnicodeDecodeError, offset: int = 0) -> ConfigError:
+    line = raw[: err.start].count(b"\n") + 1
+    return ConfigError(f"{where} line {line}: not valid UTF-8 (byte offset {offset + err.start}); "
+                       "save the file as UTF-8")
+
+
+def _read_utf8(path: Path, where: str) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise _not_utf8(where, raw, err) from None
 
 
 # ------------------------------------------------------------------------------------------ generate
@@ -395,7 +415,8 @@ def answer_prompts(
     """Answer ``records`` with ``model``; returns ``(rows, result)``: one output row per record
     (``{id, prompt, answer, language?, stats}``) and the sampler's :class:`GenerationResult`.
 
-    Rows are decoded in batches of ``batch_size``; results do not depend on it (per-row seeds)."""
+    Rows are decoded in batches of ``batch_size``; per-row seeds make results independent of it up to
+    the float rounding of the model's batched kernels (see ``docs/sampling.md``)."""
     from .generate import generate
 
     canvas = canvas_length if canvas_length is not None else int(model.hparams.canvas_length)
@@ -639,12 +660,12 @@ def _read_infill_input(path: str) -> tuple[list[Any], list[str]]:
     if not file.is_file():
         raise ConfigError(f"--input {path!r}: no such file")
     if file.suffix.lower() != ".jsonl":
-        text = file.read_text(encoding="utf-8")
+        text = _read_utf8(file, path)
         if not text.strip():
             raise ConfigError(f"--input {path!r} is empty")
         return [0], [text]
     ids, texts = [], []
-    for lineno, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(_read_utf8(file, path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -820,6 +841,7 @@ class ChatSession:
 
 
 def _input_lines(stream: TextIO, interactive: bool) -> Iterator[str]:
+    """The user's messages; a line that is not UTF-8 is reported in one line and skipped."""
     if interactive:
         while True:
             try:
@@ -827,9 +849,25 @@ def _input_lines(stream: TextIO, interactive: bool) -> Iterator[str]:
             except EOFError:
                 print(file=sys.stderr)
                 return
-    else:
+            except UnicodeDecodeError as err:
+                print(f"diffusion-lm: error: that message is not valid UTF-8 (byte {err.start}); not sent",
+                      file=sys.stderr)
+        return
+    raw_stream = getattr(stream, "buffer", None)
+    if raw_stream is None:  # already decoded text (an io.StringIO)
         for line in stream:
             yield line.rstrip("\r\n")
+        return
+    offset = 0
+    for lineno, raw in enumerate(raw_stream, start=1):
+        start, offset = offset, offset + len(raw)
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            print(f"diffusion-lm: error: stdin line {lineno} is not valid UTF-8 (byte offset {start + err.start}); "
+                  "skipped", file=sys.stderr)
+            continue
+        yield line.rstrip("\r\n")
 
 
 def chat_command(
@@ -852,7 +890,7 @@ def chat_command(
     the context of every answer (the oldest exchanges are dropped when it no longer fits).
 
     Commands: /reset (start a new conversation), /quit (or end of input). Works with piped stdin:
-    `printf 'Hello\\nAnd you?\\n' | diffusion-lm chat --model runs/demo/last.ckpt` prints one answer per line.
+    `printf 'Hello\\nAnd you?\\n' | diffusion-lm chat --model run/checkpoints/last.ckpt` prints one answer per line.
 
     Args:
         model: a .ckpt checkpoint of `diffusion-lm fit` or a `diffusion-lm export` folder.
@@ -877,7 +915,7 @@ def chat_command(
     interactive = sys.stdin.isatty()
     if interactive:
         print("chat: type a message; /reset starts over, /quit exits", file=sys.stderr)
-    log = _open_output(transcript) if transcript else None
+    log = _open_transcript(transcript) if transcript else None
     turn = 0
     try:
         for line in _input_lines(sys.stdin, interactive):
@@ -906,8 +944,7 @@ def chat_command(
             if log is not None:
                 row = {"turn": turn, "messages": [{"role": t.role, "content": t.content} for t in reply.context],
                        "answer": reply.answer, "dropped": reply.dropped, "stats": reply.stats}
-                log.write(json.dumps(row, ensure_ascii=False) + "\n")
-                log.flush()
+                append_line(log, json.dumps(row, ensure_ascii=False))
     finally:
         if log is not None:
             log.close()

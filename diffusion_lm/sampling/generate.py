@@ -14,10 +14,14 @@ the selector commits the best ones, the remasker may re-open a few, and the stop
 dropped from the batch passed to the denoiser (dLLM PR #68 review: done rows kept being computed).
 
 Reproducibility: every row has its own ``torch.Generator`` seeded from ``(seed, row index)`` and all
-per-row decisions read only that row, so batched generation equals one-by-one generation
-(``max_batch_size=1``) for the same seed. Rows are right-padded after their canvas with
+per-row decisions read only that row. Rows are right-padded after their canvas with
 ``attention_mask = 0``; prompts are never left-padded (dLLM leaked left-padded prompts into
-outputs, PR #86/#87).
+outputs, PR #86/#87). Batch-size invariance, precisely: when the denoiser's logits for a row are
+bitwise independent of the rest of the batch (its other rows, size and padded width), batched
+generation equals one-by-one generation (``max_batch_size=1``) exactly, for the same seed and row
+order. A real encoder's kernels round differently for different batch shapes, thread counts and
+CPUs, so with it batched and single answers agree wherever the model is sure and may differ at
+near-tied logits (an untrained model); see ``docs/sampling.md``.
 """
 
 from __future__ import annotations
@@ -177,7 +181,8 @@ def generate(
             mapping (``SamplerConfig.from_dict``), or None for the default (= ``quality``).
         seed: base seed; row ``i`` draws from ``row_seed(seed, i)``. None draws a fresh one (see ``result.seed``).
         return_trajectory: record every step (for :func:`render_trajectory_html`).
-        max_batch_size: rows per denoiser call (None = all at once); results do not depend on it.
+        max_batch_size: rows per denoiser call (None = all at once); results do not depend on it when the
+            denoiser is batch-invariant (see the module docstring for a real encoder).
         max_length: the model's longest sequence; a longer prompt + canvas is an error.
         device: where to build the inputs; default: the denoiser's module's device, else CPU.
     """

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence, Union
 
+from ..files import atomic_write
+
 __all__ = ["TrajectoryStep", "Trajectory", "render_trajectory_text", "render_trajectory_html"]
 
 MASK_GLYPH = "░"
@@ -176,5 +178,6 @@ def render_trajectory_html(
         f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
     )
     if path is not None:
-        Path(path).write_text(page, encoding="utf-8")
+        with atomic_write(path) as handle:
+            handle.write(page)
     return page
