@@ -121,22 +121,25 @@ def test_resume_after_kill_9_matches_the_uninterrupted_run(tmp_path, messages_js
     subprocess.run(_cli(straight, messages_jsonl), check=True, env=env, cwd=tmp_path, capture_output=True)
     killed = tmp_path / "killed"
     ckpts = ["--trainer.callbacks+=ModelCheckpoint", f"--trainer.callbacks.dirpath={killed / 'ckpt'}",
-             "--trainer.callbacks.every_n_train_steps=1", "--trainer.callbacks.save_last=true",
-             "--trainer.callbacks.save_top_k=-1"]
+             "--trainer.callbacks.filename={step}", "--trainer.callbacks.every_n_train_steps=1",
+             "--trainer.callbacks.save_last=true", "--trainer.callbacks.save_top_k=-1"]
     proc = subprocess.Popen(_cli(killed, messages_jsonl, *ckpts), env=env, cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (killed / "ckpt" / "step=5.ckpt").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert (killed / "ckpt" / "last.ckpt").exists()
-    subprocess.run(_cli(killed, messages_jsonl, *ckpts, f"--ckpt_path={killed / 'ckpt' / 'last.ckpt'}"), check=True,
-                   env=env, cwd=tmp_path, capture_output=True)
+    resume_from = torch.load(killed / "ckpt" / "last.ckpt", weights_only=False)["global_step"]
+    assert 4 <= resume_from < 12  # step 5 or, killed while last.ckpt was replaced, step 4
+    subprocess.run(_cli(killed, messages_jsonl, *ckpts, "--trainer.logger.version=1",
+                        f"--ckpt_path={killed / 'ckpt' / 'last.ckpt'}"), check=True, env=env, cwd=tmp_path,
+                   capture_output=True)
     want = _metrics(straight / "log" / "version_0" / "metrics.csv")
-    got = _metrics(killed / "log" / "version_0" / "metrics.csv")
-    assert len(want) == 12 and set(got) == set(want)
-    for step in want:
+    got = _metrics(killed / "log" / "version_1" / "metrics.csv")
+    assert len(want) == 12 and sorted(got) == list(range(resume_from, 12))  # CSV steps count from 0
+    for step in got:
         assert got[step] == want[step], f"step {step}: {got[step]} vs {want[step]}"
 
 
