@@ -610,7 +610,8 @@ def infill_rows(model, texts: Sequence[str], *, ids: Optional[Sequence[Any]] = N
                 row += [tpl.mask_id] * int(value)
         row.append(tpl.eos_id)
         if len(row) > model.max_length:
-            raise ConfigError(f"{label} is {len(row)} tokens with its holes (and the {'prompt' if prompt else 'BOS/EOS'}), "
+            around = "prompt" if prompt else "BOS/EOS"
+            raise ConfigError(f"{label} is {len(row)} tokens with its holes (and the {around}), "
                               f"more than the model's limit of {model.max_length} positions; shorten the text or use "
                               "fewer mask slots")
         out.append(InfillRow(row, pieces, holes))
@@ -657,8 +658,8 @@ def infill_texts(
     outputs = []
     for rid, text, r, out, stats in zip(ids, texts, laid_out, result.ids, result.row_stats):
         fills = infill_fills(model, r, out)
-        outputs.append(InfillOutput(rid, text, splice_fills(r.pieces, fills), [f.strip() for f in fills], r.row, list(out),
-                                    r.holes, _row_stats(stats)))
+        outputs.append(InfillOutput(rid, text, splice_fills(r.pieces, fills), [f.strip() for f in fills], r.row,
+                                    list(out), r.holes, _row_stats(stats)))
     return outputs, result
 
 
