@@ -6,6 +6,7 @@ be compared exactly; one test runs the real command on a tiny model in a subproc
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -22,6 +23,7 @@ from diffusion_lm.backbone import ScratchBackbone
 from diffusion_lm.cli import main
 from diffusion_lm.sampling.commands import PromptRecord, answer_prompts, build_sampler
 from diffusion_lm.serve import create_app
+from diffusion_lm.serve.scheduler import BatchScheduler, Job, QueueFull
 
 from .conftest import TINY
 from .serving import EchoLM, ServerThread, free_port
@@ -137,6 +139,43 @@ def test_requests_with_different_settings_are_not_mixed(template):
     assert answers == [expected(lm, f"text {i}", i, canvas=8 + i % 2) for i in range(8)]
 
 
+def test_scheduler_batches_by_key_bounds_its_queue_and_drops_cancelled_jobs():
+    loop = asyncio.new_event_loop()
+    gate, seen = threading.Event(), []
+
+    def run(jobs: list[Job]) -> None:
+        gate.wait(10)  # the first batch holds the worker while the others queue up
+        seen.append([job.payload for job in jobs])
+        for job in jobs:
+            job.finish(job.payload)
+
+    scheduler = BatchScheduler(run, max_batch_size=3, max_wait=0.01, max_queue=5)
+    scheduler.start()
+    try:
+        jobs = [Job(key=key, payload=i, stream=False, loop=loop) for i, key in enumerate("aaabaa")]
+        scheduler.submit(jobs[0])
+        deadline = time.monotonic() + 10
+        while scheduler.stats()["running"] != 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        for job in jobs[1:]:
+            scheduler.submit(job)
+        with pytest.raises(QueueFull) as full:
+            scheduler.submit(Job(key="a", payload=99, stream=False, loop=loop))
+        assert full.value.retry_after >= 1
+        scheduler.cancel(jobs[2])  # its client left while it was queued
+        gate.set()
+        while scheduler.stats()["requests"]["completed"] < 5 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        counters = scheduler.stats()
+    finally:
+        scheduler.stop()
+        loop.close()
+    assert seen == [[0], [1, 4, 5], [3]]  # oldest first; same key together, up to max_batch_size
+    assert counters["batch_sizes"] == {"1": 2, "3": 1} and counters["max_batch_size_seen"] == 3
+    assert counters["requests"] == {"submitted": 6, "completed": 5, "failed": 0, "cancelled": 1, "rejected": 1}
+    assert counters["queued"] == 0 and counters["running"] == 0
+
+
 # ------------------------------------------------------------------------------- bad input
 BAD = [
     ("malformed JSON", b'{"messages": [', None),
@@ -243,6 +282,14 @@ def test_client_disconnect_mid_stream_cancels_the_request(template):
         assert forwards < 24  # stopped long before the answer was done
         time.sleep(0.2)
         assert len(lm.batch_sizes) == forwards  # and nothing keeps running for it
+        # a non-streamed request whose client times out is cancelled too
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + CHAT, json={**body, "stream": False}, timeout=0.3)
+        deadline = time.monotonic() + 10
+        while stats(url)["aborted_batches"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        counters = stats(url)
+        assert counters["requests"]["cancelled"] == 2 and counters["aborted_batches"] == 2, counters
         after = httpx.post(url + CHAT, json={**body, "stream": False, "max_tokens": 8, "messages": user("next")})
         assert after.status_code == 200 and after.json()["choices"][0]["message"]["content"] == "next"
 

@@ -52,6 +52,25 @@ class _EventStream(StreamingResponse):
             await self.body_iterator.aclose()  # type: ignore[union-attr]
 
 
+class _BodyLimit:
+    """Refuses a declared body over ``limit`` bytes with 413 before anything reads it (plain ASGI, so
+    streaming responses pass through untouched)."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            size = dict(scope.get("headers") or []).get(b"content-length", b"")
+            if size.isdigit() and int(size) > self.limit:
+                error = APIError(413, f"the request body is {int(size)} bytes, more than the {self.limit} this server "
+                                 "accepts", code="request_too_large")
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def _sse(payload: Any) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
@@ -97,13 +116,7 @@ def create_app(
     app.state.scheduler = scheduler
     install_error_handlers(app)
 
-    @app.middleware("http")
-    async def _limit_body(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
-            return APIError(413, f"the request body is {int(size)} bytes, more than the {MAX_BODY_BYTES} this server "
-                            "accepts", code="request_too_large").response()
-        return await call_next(request)
+    app.add_middleware(_BodyLimit, limit=MAX_BODY_BYTES)
 
     def authorize(request: Request) -> None:
         if api_key is None:
