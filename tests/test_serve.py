@@ -283,8 +283,9 @@ def test_client_disconnect_mid_stream_cancels_the_request(template):
         time.sleep(0.2)
         assert len(lm.batch_sizes) == forwards  # and nothing keeps running for it
         # a non-streamed request whose client times out is cancelled too
+        long = {**body, "stream": False, "messages": user("hello " * 30)}  # 24 forwards: 1.2 s
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(url + CHAT, json={**body, "stream": False}, timeout=0.3)
+            httpx.post(url + CHAT, json=long, timeout=0.3)
         deadline = time.monotonic() + 10
         while stats(url)["aborted_batches"] < 2 and time.monotonic() < deadline:
             time.sleep(0.02)

@@ -37,6 +37,7 @@ log = logging.getLogger("diffusion_lm.serve")
 STATIC = Path(__file__).with_name("static")
 MAX_BODY_BYTES = 4 << 20  # a prompt the model accepts is a few KB; refuse megabytes before parsing them
 HEARTBEAT_SECONDS = 1.0  # an SSE comment while a request waits: proxies keep the stream open, gone clients show up
+DISCONNECT_POLL_SECONDS = 0.25  # how often a non-streamed request checks that its client is still there
 
 
 class _EventStream(StreamingResponse):
@@ -140,10 +141,10 @@ def create_app(
                            code="queue_full", headers={"Retry-After": str(full.retry_after)}) from None
         return job
 
-    async def next_event(job: Job) -> Optional[tuple]:
-        """The job's next event, or None after ``HEARTBEAT_SECONDS`` without one."""
+    async def next_event(job: Job, timeout: float = HEARTBEAT_SECONDS) -> Optional[tuple]:
+        """The job's next event, or None after ``timeout`` seconds without one."""
         try:
-            return await asyncio.wait_for(job.queue.get(), HEARTBEAT_SECONDS)
+            return await asyncio.wait_for(job.queue.get(), timeout)
         except asyncio.TimeoutError:
             return None
 
@@ -159,7 +160,7 @@ def create_app(
         done = False
         try:
             while True:
-                event = await next_event(job)
+                event = await next_event(job, DISCONNECT_POLL_SECONDS)
                 if event is None:
                     if await request.is_disconnected():
                         return None
