@@ -46,10 +46,10 @@ def serve_command(
     device: Optional[str] = None,
     log_level: str = "info",
 ) -> None:
-    """Serve a model over HTTP: an OpenAI-compatible API (POST /v1/chat/completions with streaming,
-    GET /v1/models), POST /v1/infill, GET /health, GET /stats, and a chat page at /.
+    """Serve a model over HTTP: an OpenAI-compatible API and a chat page.
 
-    Concurrent requests with the same sampler settings and max_tokens are decoded together (dynamic
+    Endpoints: POST /v1/chat/completions (streaming too), GET /v1/models, POST /v1/infill, GET /health,
+    GET /stats, and the chat page at /. Concurrent requests with the same sampler settings and max_tokens are decoded together (dynamic
     batching); each request keeps its own seed, so its answer does not depend on its batch. API
     reference: docs/serving.md.
 
