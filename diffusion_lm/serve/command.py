@@ -49,9 +49,9 @@ def serve_command(
     """Serve a model over HTTP: an OpenAI-compatible API and a chat page.
 
     Endpoints: POST /v1/chat/completions (streaming too), GET /v1/models, POST /v1/infill, GET /health,
-    GET /stats, and the chat page at /. Concurrent requests with the same sampler settings and max_tokens are decoded together (dynamic
-    batching); each request keeps its own seed, so its answer does not depend on its batch. API
-    reference: docs/serving.md.
+    GET /stats, and the chat page at /. Concurrent requests with the same sampler settings and
+    max_tokens are decoded together (dynamic batching); each request keeps its own seed, so its
+    answer does not depend on its batch. API reference: docs/serving.md.
 
     Args:
         model: a .ckpt checkpoint of `diffusion-lm fit` or a `diffusion-lm export` folder.

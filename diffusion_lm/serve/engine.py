@@ -9,6 +9,7 @@ not depend on what it is batched with) and the sampler's ``on_step`` hook for st
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import secrets
@@ -176,7 +177,8 @@ class Engine:
                            code="context_length_exceeded")
         sampler = self.sampler_for(req.temperature, req.top_p, req.diffusion)
         record = PromptRecord(0, turns, turns[-1].content)
-        return ChatTask(record, prompt_ids, canvas, sampler, self._seed(req.seed), ("chat", canvas, _key(sampler)))
+        key = ("chat", f"canvas {canvas}", _digest(sampler.to_dict()))
+        return ChatTask(record, prompt_ids, canvas, sampler, self._seed(req.seed), key)
 
     def infill_task(self, req: InfillRequest) -> InfillTask:
         """Validate an infill request (hole syntax, length, sampler) into a task."""
@@ -187,7 +189,7 @@ class Engine:
             raise APIError(400, message, param="prompt" if message.startswith("prompt") else "text",
                            code="invalid_value") from None
         sampler = self.sampler_for(req.temperature, req.top_p, req.diffusion)
-        key = ("infill", req.prompt, req.default_slots, _key(sampler))
+        key = ("infill", f"slots {req.default_slots}", _digest([req.prompt, sampler.to_dict()]))
         return InfillTask(req.text, req.prompt, req.default_slots, layout, sampler, self._seed(req.seed), key)
 
     # ------------------------------------------------------------------------------ batches
@@ -268,8 +270,10 @@ def _text(slots: Sequence[Optional[str]]) -> str:
     return "".join(MASK_PLACEHOLDER if s is None else s for s in slots).strip()
 
 
-def _key(sampler: SamplerConfig) -> str:
-    return json.dumps(sampler.to_dict(), sort_keys=True, default=str)
+def _digest(value: Any) -> str:
+    """A short stable name for batch-relevant settings (equal settings, equal name)."""
+    text = json.dumps(value, sort_keys=True, default=str, ensure_ascii=False)
+    return "settings " + hashlib.sha1(text.encode("utf-8")).hexdigest()[:10]
 
 
 def _sampler_error(err: ConfigError) -> APIError:

@@ -234,10 +234,10 @@ class BatchScheduler:
                     live = sum(not j.cancelled for j in batch)
                     self._counts["completed" if outcome == "completed" else "failed"] += live
                 queued = len(self._pending)
-            log.info("batch of %d request(s) %s in %.3f s (key %s; %d queued)", len(batch), outcome, seconds,
-                     _short(batch[0].key), queued)
+            log.info("batch of %d request(s) %s in %.3f s (%s; %d queued)", len(batch), outcome, seconds,
+                     _label(batch[0].key), queued)
 
 
-def _short(key: Hashable) -> str:
-    text = str(key)
-    return text if len(text) <= 60 else text[:57] + "..."
+def _label(key: Hashable) -> str:
+    text = " ".join(map(str, key)) if isinstance(key, tuple) else str(key)
+    return text if len(text) <= 80 else text[:77] + "..."
