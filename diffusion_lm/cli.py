@@ -1,7 +1,7 @@
 """The ``diffusion-lm`` command.
 
 ``fit | validate | test | predict`` are LightningCLI subcommands (``--config``, ``--print_config``,
-class paths for schedules and callbacks). ``export | generate | infill | chat | check`` are typed
+class paths for schedules and callbacks). ``export | generate | infill | chat | check | serve`` are typed
 functions exposed through jsonargparse, in the modules that own them.
 """
 
@@ -34,6 +34,7 @@ COMMANDS = {
     "infill": "diffusion_lm.sampling.commands:infill_command",
     "chat": "diffusion_lm.sampling.commands:chat_command",
     "check": "diffusion_lm.health:check_command",
+    "serve": "diffusion_lm.serve:serve_command",
 }
 
 

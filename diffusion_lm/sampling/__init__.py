@@ -8,7 +8,7 @@ logits processors). See ``docs/sampling.md``.
 
 from .config import PRESETS, SamplerConfig
 from .context import StepContext
-from .generate import Denoiser, GenerationResult, GenerationStats, RowStats, generate, infill, row_seed
+from .generate import Denoiser, GenerationResult, GenerationStats, RowStats, StepHook, generate, infill, row_seed
 from .metrics import longest_run, repeated_ngram_rate, repetition_summary
 from .policies import (
     PROPOSERS,
@@ -44,7 +44,7 @@ from .trajectory import Trajectory, TrajectoryStep, render_trajectory_html, rend
 
 __all__ = [
     "generate", "infill", "SamplerConfig", "PRESETS", "GenerationResult", "GenerationStats", "RowStats",
-    "Denoiser", "StepContext", "row_seed",
+    "Denoiser", "StepHook", "StepContext", "row_seed",
     "Policy", "Proposer", "GreedyProposer", "SampleProposer", "truncated_log_probs",
     "Scorer", "ProbabilityScorer", "MarginScorer", "EntropyScorer", "RandomScorer",
     "Window", "FullWindow", "BlockWindow",

@@ -28,16 +28,22 @@ from .policies import BlockWindow, GreedyProposer, SampleProposer, ScheduleSelec
 __all__ = [
     "ChatSession",
     "InfillOutput",
+    "InfillRow",
     "PromptRecord",
     "answer_prompts",
     "build_sampler",
     "chat_command",
     "generate_command",
     "infill_command",
+    "infill_fills",
+    "infill_rows",
     "infill_texts",
     "load_for_inference",
     "load_sampler_spec",
+    "piece_decoder",
     "read_prompt_file",
+    "splice_fills",
+    "turns_from_messages",
 ]
 
 SamplerSpec = Union[str, dict, None]
@@ -245,7 +251,9 @@ class PromptRecord:
     language: Optional[str] = None
 
 
-def _turns_from_messages(messages: Any, where: str) -> list:
+def turns_from_messages(messages: Any, where: str) -> list:
+    """``[{role, content}, ...]`` -> turns, ending with the user's; a problem is a :class:`ConfigError`
+    that starts with ``where`` and names the message."""
     from ..data.conversation import ROLES, Turn
 
     if not isinstance(messages, list) or not messages:
@@ -287,7 +295,7 @@ def read_prompt_file(path: str) -> list[PromptRecord]:
         if not isinstance(obj, dict):
             raise ConfigError(f"{where}: expected an object with \"prompt\" or \"messages\"")
         if "messages" in obj:
-            turns = _turns_from_messages(obj["messages"], where)
+            turns = turns_from_messages(obj["messages"], where)
         elif "prompt" in obj:
             if not isinstance(obj["prompt"], str) or not obj["prompt"].strip():
                 raise ConfigError(f"{where}: \"prompt\" is empty or not a string")
@@ -348,7 +356,7 @@ def _check_lengths(model, records: Sequence[PromptRecord], prompt_ids: Sequence[
             )
 
 
-def _piece_decoder(tokenizer):
+def piece_decoder(tokenizer):
     """``[id] -> text`` for the trajectory views, keeping word-start spaces of SentencePiece/WordPiece vocabularies."""
 
     def piece(ids: Sequence[int]) -> str:
@@ -408,15 +416,17 @@ def answer_prompts(
     *,
     sampler: SamplerConfig,
     canvas_length: Optional[int] = None,
-    seed: Optional[int] = 0,
+    seed: Union[None, int, Sequence[int]] = 0,
     batch_size: int = 8,
     return_trajectory: bool = False,
+    on_step=None,
 ):
     """Answer ``records`` with ``model``; returns ``(rows, result)``: one output row per record
     (``{id, prompt, answer, language?, stats}``) and the sampler's :class:`GenerationResult`.
 
     Rows are decoded in batches of ``batch_size``; per-row seeds make results independent of it up to
-    the float rounding of the model's batched kernels (see ``docs/sampling.md``)."""
+    the float rounding of the model's batched kernels (see ``docs/sampling.md``). ``seed`` may be one
+    seed per record and ``on_step`` a step hook, as in :func:`~diffusion_lm.sampling.generate`."""
     from .generate import generate
 
     canvas = canvas_length if canvas_length is not None else int(model.hparams.canvas_length)
@@ -427,7 +437,7 @@ def answer_prompts(
     result = generate(
         model.denoise, prompt_ids, mask_id=tpl.mask_id, eos_id=tpl.eos_id, pad_id=tpl.pad_id,
         canvas_length=canvas, sampler=sampler, seed=seed, return_trajectory=return_trajectory,
-        max_batch_size=batch_size, max_length=model.max_length,
+        max_batch_size=batch_size, max_length=model.max_length, on_step=on_step,
     )
     result.texts = [tpl.decode_answer(ids) for ids in result.ids]
     rows = []
@@ -499,7 +509,7 @@ def generate_command(
     if trajectory is not None:
         from .trajectory import render_trajectory_html
 
-        render_trajectory_html(result.trajectories, _piece_decoder(lm.tokenizer), trajectory,
+        render_trajectory_html(result.trajectories, piece_decoder(lm.tokenizer), trajectory,
                                titles=[r.prompt for r in records], hide_ids=[lm.template.pad_id])
     summary = _summary(f"{len(rows)} answer(s)", result)
     if output is not None:
@@ -549,7 +559,9 @@ class InfillOutput:
         return {"id": self.id, "text": self.text, "filled": self.filled, "fills": self.fills, "stats": self.stats}
 
 
-def _splice(pieces: list[tuple[str, Any]], fills: list[str]) -> str:
+def splice_fills(pieces: list[tuple[str, Any]], fills: Sequence[str]) -> str:
+    """The text of parsed ``pieces`` with its holes replaced by ``fills``, in order; the literal text
+    is kept verbatim (see :class:`InfillOutput`)."""
     out: list[str] = []
     k = 0
     for i, (kind, value) in enumerate(pieces):
@@ -570,29 +582,25 @@ def _splice(pieces: list[tuple[str, Any]], fills: list[str]) -> str:
     return "".join(out)
 
 
-def infill_texts(
-    model,
-    texts: Sequence[str],
-    *,
-    sampler: SamplerConfig,
-    ids: Optional[Sequence[Any]] = None,
-    prompt: Optional[str] = None,
-    seed: Optional[int] = 0,
-    batch_size: int = 8,
-    default_slots: int = 8,
-    return_trajectory: bool = False,
-):
-    """Fill the ``[[MASK]]`` / ``[[MASK:n]]`` holes of each text; returns ``(outputs, result)``.
+@dataclass
+class InfillRow:
+    """One text laid out for :func:`~diffusion_lm.sampling.infill`: the ``row`` of ids (``[MASK]`` in
+    every hole slot), the parsed ``pieces`` of the text (``("text", str)`` / ``("mask", n)``) and, per
+    hole, the positions of its slots in the row."""
 
-    Without ``prompt`` a text is laid out as the encoder saw text in pretraining, ``[BOS] text [EOS]``;
-    with ``prompt`` it is the assistant's answer to that user message (the chat template:
-    ``prompt ids + text + [EOS]``), for re-generating part of an answer.
-    """
+    row: list[int]
+    pieces: list
+    holes: list[list[int]]
+
+
+def infill_rows(model, texts: Sequence[str], *, ids: Optional[Sequence[Any]] = None, prompt: Optional[str] = None,
+                default_slots: int = 8) -> list[InfillRow]:
+    """Parse and lay out the ``[[MASK]]`` / ``[[MASK:n]]`` texts of :func:`infill_texts` (see there);
+    a text with no hole, a syntax error or a row longer than the model is a :class:`ConfigError`."""
     from ..data.conversation import Turn
-    from .generate import infill
     from .spans import parse_spans, spans_to_ids
 
-    _check_flags(batch_size=batch_size, default_slots=default_slots)
+    _check_flags(default_slots=default_slots)
     if not texts:
         raise ConfigError("no text to fill: give --text or --input")
     tpl = model.template
@@ -600,7 +608,7 @@ def infill_texts(
     if prompt is not None and not prompt.strip():
         raise ConfigError("--prompt is empty")
     head = tpl.prompt_ids([Turn("user", prompt)]) if prompt else ([tpl.bos_id] if tpl.bos_id is not None else [])
-    rows, pieces_per_text, holes_per_text = [], [], []
+    out = []
     for k, (rid, text) in enumerate(zip(ids, texts)):
         label = f"text {k + 1}" + (f" (id {rid!r})" if rid != k else "")
         if not isinstance(text, str) or not text.strip():
@@ -622,23 +630,56 @@ def infill_texts(
                 row += [tpl.mask_id] * int(value)
         row.append(tpl.eos_id)
         if len(row) > model.max_length:
-            raise ConfigError(f"{label} is {len(row)} tokens with its holes (and the {'prompt' if prompt else 'BOS/EOS'}), "
+            around = "prompt" if prompt else "BOS/EOS"
+            raise ConfigError(f"{label} is {len(row)} tokens with its holes (and the {around}), "
                               f"more than the model's limit of {model.max_length} positions; shorten the text or use "
                               "fewer mask slots")
-        rows.append(row)
-        pieces_per_text.append(pieces)
-        holes_per_text.append(holes)
-    result = infill(model.denoise, rows, mask_id=tpl.mask_id, eos_id=tpl.eos_id, pad_id=tpl.pad_id, sampler=sampler,
-                    seed=seed, return_trajectory=return_trajectory, max_batch_size=batch_size,
-                    max_length=model.max_length)
+        out.append(InfillRow(row, pieces, holes))
+    return out
+
+
+def infill_fills(model, row: InfillRow, filled: Sequence[int]) -> list[str]:
+    """The decoded text of each hole of ``row`` in ``filled`` (the row after sampling; special ids skipped)."""
+    tpl = model.template
     special = {tpl.mask_id, tpl.pad_id, tpl.eos_id, tpl.bos_id}
+    return [model.tokenizer.decode([filled[p] for p in hole if filled[p] not in special], skip_special_tokens=True)
+            for hole in row.holes]
+
+
+def infill_texts(
+    model,
+    texts: Sequence[str],
+    *,
+    sampler: SamplerConfig,
+    ids: Optional[Sequence[Any]] = None,
+    prompt: Optional[str] = None,
+    seed: Union[None, int, Sequence[int]] = 0,
+    batch_size: int = 8,
+    default_slots: int = 8,
+    return_trajectory: bool = False,
+    on_step=None,
+):
+    """Fill the ``[[MASK]]`` / ``[[MASK:n]]`` holes of each text; returns ``(outputs, result)``.
+
+    Without ``prompt`` a text is laid out as the encoder saw text in pretraining, ``[BOS] text [EOS]``;
+    with ``prompt`` it is the assistant's answer to that user message (the chat template:
+    ``prompt ids + text + [EOS]``), for re-generating part of an answer. ``seed`` may be one seed per
+    text and ``on_step`` a step hook, as in :func:`~diffusion_lm.sampling.infill`.
+    """
+    from .generate import infill
+
+    _check_flags(batch_size=batch_size, default_slots=default_slots)
+    tpl = model.template
+    ids = list(ids) if ids is not None else list(range(len(texts)))
+    laid_out = infill_rows(model, texts, ids=ids, prompt=prompt, default_slots=default_slots)
+    result = infill(model.denoise, [r.row for r in laid_out], mask_id=tpl.mask_id, eos_id=tpl.eos_id,
+                    pad_id=tpl.pad_id, sampler=sampler, seed=seed, return_trajectory=return_trajectory,
+                    max_batch_size=batch_size, max_length=model.max_length, on_step=on_step)
     outputs = []
-    for rid, text, row, out, pieces, holes, stats in zip(ids, texts, rows, result.ids, pieces_per_text,
-                                                          holes_per_text, result.row_stats):
-        fills = [model.tokenizer.decode([out[p] for p in hole if out[p] not in special], skip_special_tokens=True)
-                 for hole in holes]
-        outputs.append(InfillOutput(rid, text, _splice(pieces, fills), [f.strip() for f in fills], row, list(out),
-                                    holes, _row_stats(stats)))
+    for rid, text, r, out, stats in zip(ids, texts, laid_out, result.ids, result.row_stats):
+        fills = infill_fills(model, r, out)
+        outputs.append(InfillOutput(rid, text, splice_fills(r.pieces, fills), [f.strip() for f in fills], r.row,
+                                    list(out), r.holes, _row_stats(stats)))
     return outputs, result
 
 
@@ -745,7 +786,7 @@ def infill_command(
     if trajectory is not None:
         from .trajectory import render_trajectory_html
 
-        render_trajectory_html(result.trajectories, _piece_decoder(lm.tokenizer), trajectory,
+        render_trajectory_html(result.trajectories, piece_decoder(lm.tokenizer), trajectory,
                                titles=[str(o.id) for o in outputs], hide_ids=[lm.template.pad_id])
     summary = _summary(f"filled {len(outputs)} text(s)", result)
     if output is not None:

@@ -13,19 +13,23 @@ the selector commits the best ones, the remasker may re-open a few, and the stop
 (EOS committed: the rest of its canvas becomes pad; or no masked slot left). Finished rows are
 dropped from the batch passed to the denoiser (dLLM PR #68 review: done rows kept being computed).
 
-Reproducibility: every row has its own ``torch.Generator`` seeded from ``(seed, row index)`` and all
-per-row decisions read only that row. Rows are right-padded after their canvas with
-``attention_mask = 0``; prompts are never left-padded (dLLM leaked left-padded prompts into
-outputs, PR #86/#87). Batch-size invariance, precisely: when the denoiser's logits for a row are
-bitwise independent of the rest of the batch (its other rows, size and padded width), batched
-generation equals one-by-one generation (``max_batch_size=1``) exactly, for the same seed and row
-order. A real encoder's kernels round differently for different batch shapes, thread counts and
-CPUs, so with it batched and single answers agree wherever the model is sure and may differ at
-near-tied logits (an untrained model); see ``docs/sampling.md``.
+Reproducibility: every row has its own ``torch.Generator`` seeded from ``(seed, row index)`` (or from
+its own seed, when ``seed`` is a list) and all per-row decisions read only that row. Rows are
+right-padded after their canvas with ``attention_mask = 0``; prompts are never left-padded (dLLM
+leaked left-padded prompts into outputs, PR #86/#87). Batch-size invariance, precisely: when the
+denoiser's logits for a row are bitwise independent of the rest of the batch (its other rows, size
+and padded width), batched generation equals one-by-one generation (``max_batch_size=1``) exactly,
+for the same seed and row order. A real encoder's kernels round differently for different batch
+shapes, thread counts and CPUs, so with it batched and single answers agree wherever the model is
+sure and may differ at near-tied logits (an untrained model); see ``docs/sampling.md``.
+
+Streaming: ``on_step(rows, ids)`` (off by default) reports the rows of each forward and their current
+ids, for callers that show the answer unmasking live.
 """
 
 from __future__ import annotations
 
+import numbers
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -39,9 +43,12 @@ from .context import StepContext
 from .policies import NoRemasker
 from .trajectory import Trajectory, TrajectoryStep
 
-__all__ = ["Denoiser", "RowStats", "GenerationStats", "GenerationResult", "generate", "infill", "row_seed"]
+__all__ = ["Denoiser", "StepHook", "RowStats", "GenerationStats", "GenerationResult", "generate", "infill", "row_seed"]
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# on_step(rows, ids): after each denoiser forward, the rows that took part and their current ids.
+StepHook = Callable[[list[int], list[list[int]]], None]
+Seed = Union[None, int, Sequence[int]]
 
 _MASK64 = (1 << 64) - 1
 
@@ -96,7 +103,8 @@ class GenerationResult:
             stripped) or the filled sequence (``infill``: every non-hole token unchanged).
         sequences: per row, the final full row (prompt + canvas, pad filler included).
         row_stats: per-row cost; ``stats``: whole-call cost.
-        seed: the base seed used (drawn at random when ``seed=None``; pass it back to reproduce).
+        seed: the base seed used (drawn at random when ``seed=None``; pass it back to reproduce), or
+            the list of per-row seeds when one was given.
         trajectories: per row, the decoding history (``return_trajectory=True``).
         texts: decoded answers, filled in by callers that own a tokenizer (the model's ``generate``).
     """
@@ -105,7 +113,7 @@ class GenerationResult:
     sequences: list[list[int]]
     row_stats: list[RowStats]
     stats: GenerationStats
-    seed: int
+    seed: Union[int, list[int]]
     trajectories: Optional[list[Trajectory]] = None
     texts: Optional[list[str]] = None
 
@@ -164,11 +172,12 @@ def generate(
     pad_id: int,
     canvas_length: int = 64,
     sampler: Union[None, str, SamplerConfig, dict] = None,
-    seed: Optional[int] = None,
+    seed: Seed = None,
     return_trajectory: bool = False,
     max_batch_size: Optional[int] = None,
     max_length: Optional[int] = None,
     device: Union[None, str, torch.device] = None,
+    on_step: Optional[StepHook] = None,
 ) -> GenerationResult:
     """Answer each prompt by unmasking ``canvas_length`` [MASK] slots appended after it.
 
@@ -180,11 +189,20 @@ def generate(
         sampler: a :class:`SamplerConfig`, a preset name (``quality``, ``fast``, ``greedy``), a
             mapping (``SamplerConfig.from_dict``), or None for the default (= ``quality``).
         seed: base seed; row ``i`` draws from ``row_seed(seed, i)``. None draws a fresh one (see ``result.seed``).
+            A list gives each row its own seed: row ``i`` draws from ``row_seed(seed[i], 0)``, exactly
+            what a one-row call with ``seed=seed[i]`` draws, so a row's answer does not depend on the
+            rows it is batched with (e.g. requests grouped by a server).
         return_trajectory: record every step (for :func:`render_trajectory_html`).
         max_batch_size: rows per denoiser call (None = all at once); results do not depend on it when the
             denoiser is batch-invariant (see the module docstring for a real encoder).
         max_length: the model's longest sequence; a longer prompt + canvas is an error.
         device: where to build the inputs; default: the denoiser's module's device, else CPU.
+        on_step: called after every denoiser forward as ``on_step(rows, ids)``: the indices (into
+            ``prompts``) of the rows that took part in it, and each one's current full row as a list
+            (prompt + canvas: committed ids in place, ``mask_id`` where still masked, pad after a
+            committed EOS). A row's k-th report follows its k-th forward; its last report has no
+            ``mask_id`` left (the row is done). An exception raised by the hook aborts the call.
+            None (the default) costs nothing.
     """
     prompt_rows = _as_rows(prompts, "prompts")
     if canvas_length <= 0:
@@ -207,6 +225,7 @@ def generate(
         denoiser, rows, editable, editable, [len(p) for p in prompt_rows], config,
         mask_id=mask_id, eos_id=eos_id, pad_id=pad_id, stop_on_eos=config.stop_on_eos, eos_policy=True,
         seed=seed, return_trajectory=return_trajectory, max_batch_size=max_batch_size, device=device,
+        on_step=on_step,
     )
     for i, (seq, start) in enumerate(zip(result.sequences, (len(p) for p in prompt_rows))):
         canvas = seq[start:]
@@ -225,19 +244,21 @@ def infill(
     eos_id: int,
     pad_id: int,
     sampler: Union[None, str, SamplerConfig, dict] = None,
-    seed: Optional[int] = None,
+    seed: Seed = None,
     return_trajectory: bool = False,
     max_batch_size: Optional[int] = None,
     max_length: Optional[int] = None,
     device: Union[None, str, torch.device] = None,
     eos_policy: bool = False,
+    on_step: Optional[StepHook] = None,
 ) -> GenerationResult:
     """Fill the ``mask_id`` slots of each row, leaving every other token untouched.
 
     No canvas is appended and no row is cut: ``result.ids[i]`` is row ``i`` with its holes filled
     (it may contain EOS/pad inside a hole if the model chose them; decode with special tokens
     skipped). The EOS policy (which assumes an answer growing after a prompt) is off unless
-    ``eos_policy=True``; a committed EOS never stops an infill row. Other arguments as in :func:`generate`.
+    ``eos_policy=True``; a committed EOS never stops an infill row. Other arguments (per-row ``seed``
+    lists and the ``on_step`` hook included; a row without holes is never reported) as in :func:`generate`.
     Build rows from text with :func:`diffusion_lm.sampling.spans_to_ids`.
     """
     rows = _as_rows(ids, "ids")
@@ -253,6 +274,7 @@ def infill(
         denoiser, rows, editable, region, [0] * len(rows), config,
         mask_id=mask_id, eos_id=eos_id, pad_id=pad_id, stop_on_eos=False, eos_policy=eos_policy,
         seed=seed, return_trajectory=return_trajectory, max_batch_size=max_batch_size, device=device,
+        on_step=on_step,
     )
     result.ids = [list(seq) for seq in result.sequences]
     return result
@@ -284,12 +306,13 @@ def _decode(
     pad_id: int,
     stop_on_eos: bool,
     eos_policy: bool,
-    seed: Optional[int],
+    seed: Seed,
     return_trajectory: bool,
     max_batch_size: Optional[int],
     device: Union[None, str, torch.device],
+    on_step: Optional[StepHook],
 ) -> GenerationResult:
-    seed = secrets.randbits(63) if seed is None else int(seed)
+    seed, row_seeds = _row_seeds(seed, len(rows))
     dev = _infer_device(denoiser, device)
     processors = config.logits_processors(eos_policy=eos_policy)
     n = len(rows)
@@ -303,7 +326,8 @@ def _decode(
         chunk = list(range(lo, min(n, lo + size)))
         _decode_chunk(
             denoiser, chunk, rows, editable, region, config, processors, sequences, row_stats, trajectories, total,
-            mask_id=mask_id, eos_id=eos_id, pad_id=pad_id, stop_on_eos=stop_on_eos, seed=seed, device=dev,
+            mask_id=mask_id, eos_id=eos_id, pad_id=pad_id, stop_on_eos=stop_on_eos, row_seeds=row_seeds, device=dev,
+            on_step=on_step,
         )
     total.seconds = time.perf_counter() - t_call
     total.tokens = sum(s.tokens for s in row_stats)
@@ -311,6 +335,20 @@ def _decode(
         ids=[list(s) for s in sequences], sequences=sequences, row_stats=row_stats, stats=total, seed=seed,
         trajectories=trajectories,
     )
+
+
+def _row_seeds(seed: Seed, n: int) -> tuple[Union[int, list[int]], list[int]]:
+    """``(seed as reported, generator seed of each row)``: a base seed keys rows by index; a list
+    keys each row by its own seed as row 0 of a one-row call."""
+    if seed is None or isinstance(seed, numbers.Integral) or (isinstance(seed, torch.Tensor) and seed.dim() == 0):
+        base = secrets.randbits(63) if seed is None else int(seed)
+        return base, [row_seed(base, i) for i in range(n)]
+    if isinstance(seed, (str, bytes)) or not isinstance(seed, (Sequence, torch.Tensor)):
+        raise ConfigError(f"seed must be an int, a list of ints (one per row) or None, got {type(seed).__name__}")
+    seeds = [int(s) for s in seed]
+    if len(seeds) != n:
+        raise ConfigError(f"seed is a list of {len(seeds)} seeds for {n} rows; give one seed per row")
+    return seeds, [row_seed(s, 0) for s in seeds]
 
 
 def _pick(order: list[int], pos: list[int], tok: list[int], k: int, exact: bool, checkers: list) -> list[int]:
@@ -353,8 +391,9 @@ def _decode_chunk(
     eos_id: int,
     pad_id: int,
     stop_on_eos: bool,
-    seed: int,
+    row_seeds: list[int],
     device: torch.device,
+    on_step: Optional[StepHook],
 ) -> None:
     t0 = time.perf_counter()
     b = len(chunk)
@@ -410,7 +449,7 @@ def _decode_chunk(
         ldev = logits.device
         for r in active:
             if generators[r] is None:
-                generators[r] = torch.Generator(device=ldev).manual_seed(row_seed(seed, chunk[r]))
+                generators[r] = torch.Generator(device=ldev).manual_seed(row_seeds[chunk[r]])
         ctx = StepContext(
             ids=s_ids.to(ldev), attention_mask=s_attn.to(ldev), editable=s_edit.to(ldev), masked=s_masked.to(ldev),
             region=s_region.to(ldev), query=query.to(ldev), q_rows=q_rows_cpu.to(ldev), q_pos=q_pos_cpu.to(ldev),
@@ -512,6 +551,8 @@ def _decode_chunk(
                 still_active.append(r)
             else:
                 st.stats.seconds = time.perf_counter() - t0
+        if on_step is not None:
+            on_step([chunk[r] for r in active], [ids[r, : lengths[r]].tolist() for r in active])
         active = still_active
 
     for r, g in enumerate(chunk):
