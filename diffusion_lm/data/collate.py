@@ -68,10 +68,12 @@ class DiffusionCollator:
     """Turns a list of ``{prompt_ids, answer_ids, ...}`` examples into a batch.
 
     Layout of one example: ``prompt, answer (ending with EOS), pad filler`` (see :class:`CanvasPolicy`).
-    With ``pack_length`` set, examples are packed (first-fit decreasing) into rows of at most that
-    many tokens, each example a *segment* that attends only to itself (see
-    :class:`~diffusion_lm.backbone.Backbone`): no padding is spent on short examples and no length
-    grouping is needed. Without it, every example gets a row of its own.
+    With ``pack``, examples are packed (first-fit decreasing) into rows, each example a *segment* that
+    attends only to itself (see :class:`~diffusion_lm.backbone.Backbone`): short examples share a row
+    instead of being padded to the longest, and no length grouping is needed. Rows hold at most
+    ``pack_length`` tokens, by default as many as the batch's longest example: rows then never get
+    wider than padded rows would be (attention cost grows with the row width), and there are fewer
+    of them. Without ``pack``, every example gets a row of its own.
 
     Row keys (``[R, W]``): ``input_ids`` (clean ids), ``attention_mask`` (0 on row padding, else the
     example's segment number in its row, 1, 2, ...; filler is data and is attended), ``loss_mask``
@@ -95,7 +97,9 @@ class DiffusionCollator:
             ``(seed, its draw key)`` (:class:`~diffusion_lm.data.batching.SampleKey`), so it does not
             depend on the worker or rank that collates it, and a resumed run draws the same.
         pad_to_multiple_of: round the row width up (tensor-core friendly shapes).
-        pack_length: row capacity for packing (None: one example per row).
+        pack: pack several examples per row.
+        pack_length: row capacity for packing (default: the batch's longest example, rounded up to
+            ``pad_to_multiple_of``); setting it turns packing on.
         max_width: never round the row width above this (the positions the model has).
     """
 
@@ -105,11 +109,13 @@ class DiffusionCollator:
         canvas: CanvasPolicy,
         seed: int = 0,
         pad_to_multiple_of: int = 8,
+        pack: bool = False,
         pack_length: Optional[int] = None,
         max_width: Optional[int] = None,
     ) -> None:
         if pack_length is not None and pack_length < 1:
             raise ValueError(f"pack_length must be >= 1 or None, got {pack_length}")
+        self.pack = pack or pack_length is not None
         self.pad_id = pad_id
         self.canvas = canvas
         self.pad_to_multiple_of = pad_to_multiple_of
@@ -144,10 +150,10 @@ class DiffusionCollator:
             filler = 0 if ex.get("truncated") else self.filler_length(len(answer), ex.get("draw"))
             parts.append((prompt, answer, filler))
         sizes = [len(p) + len(a) + f for p, a, f in parts]
-        if self.pack_length is None:
+        if not self.pack:
             rows = [[i] for i in range(len(parts))]
         else:
-            rows = pack_rows(sizes, self.pack_length)
+            rows = pack_rows(sizes, self.pack_length or self._width(max(sizes)))
         width = self._width(max(sum(sizes[i] for i in row) for row in rows))
         shape = (len(rows), width)
         input_ids = torch.full(shape, self.pad_id, dtype=torch.long)

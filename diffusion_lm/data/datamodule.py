@@ -165,7 +165,9 @@ class DialogDataModule(pl.LightningDataModule):
         stratify: every training batch holds each source in its mix share (+-1 example), so an
             equal English/Russian mix is equal in every step, not only per epoch; otherwise batches
             are uniform samples (shares vary binomially).
-        pack_length: row capacity in tokens for ``packed`` batching (default ``max_length``).
+        pack_length: row capacity in tokens for ``packed`` batching (default: each batch's longest
+            example, so rows are never wider than padded rows; a larger value packs more per row at
+            a higher attention cost per token).
         group_batches: length grouping window in global batches, for ``grouped`` batching only
             (default 64).
         stopping_strategy: mix size when ``total_samples`` is unset: ``all_exhausted`` (every
@@ -519,10 +521,9 @@ class DialogDataModule(pl.LightningDataModule):
 
     def collator(self) -> DiffusionCollator:
         """The batch collator of this data module's ``batching``."""
-        pack = (self.pack_length or self.max_length) if self.batching == "packed" else None
         return DiffusionCollator(self.resolve_template().pad_id, self.canvas, seed=self.seed,
-                                 pad_to_multiple_of=self.pad_to_multiple_of, pack_length=pack,
-                                 max_width=max(self.max_length, pack or 0))
+                                 pad_to_multiple_of=self.pad_to_multiple_of, pack=self.batching == "packed",
+                                 pack_length=self.pack_length, max_width=max(self.max_length, self.pack_length or 0))
 
     def row_lengths(self, dataset) -> list[int]:
         """Width of each example once collated (prompt + answer region), for length sorting."""
