@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from .denoiser import Denoiser
 from .errors import ConfigError
 
 __all__ = [
@@ -146,7 +147,7 @@ def _verdict(
 
 @torch.no_grad()
 def mlm_health(
-    denoiser: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    denoiser: Denoiser,
     batches: Iterable[dict],
     *,
     mask_id: int,

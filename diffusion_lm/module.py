@@ -6,7 +6,6 @@ import dataclasses
 import logging
 import math
 import warnings
-import zlib
 from typing import Any, Literal, Optional, Sequence, Union
 
 import lightning.pytorch as pl
@@ -18,9 +17,10 @@ from .data.conversation import Conversation, Turn
 from .data.template import ChatTemplate
 from .errors import ConfigError, TrainingDiverged
 from .metrics import LanguageNelbo
-from .objective import counter_uniform_at, masked_diffusion_nelbo
+from .objective import masked_diffusion_nelbo
 from .resume import apply_optimizer_hparams, changed_hparams, check_resume, describe_resume
 from .schedules import LogLinearSchedule, NoiseSchedule, indexed_times, stratified_times
+from .seeding import counter_uniform_at, stable_seed
 
 __all__ = ["MaskedDiffusionLM", "load_model"]
 
@@ -54,11 +54,6 @@ def check_options(**options: Any) -> None:
         ok, what = rules[name]
         if not ok(value):
             raise ConfigError(f"model.{name} {what}, got {value}")
-
-
-def _seed(*parts: Any) -> int:
-    """A stable 32-bit seed from integers/strings (Python's hash() is salted per process for str)."""
-    return zlib.crc32(",".join(str(p) for p in parts).encode())
 
 
 def _rows(batch: dict, rows: slice) -> dict:
@@ -240,7 +235,7 @@ class MaskedDiffusionLM(pl.LightningModule):
     def _step_times(self, num_examples: int) -> torch.Tensor:
         """Times stratified over the global batch; every rank draws the same stream and takes its slice."""
         world, rank, step = self.trainer.world_size, self.global_rank, self.global_step
-        t_gen = torch.Generator().manual_seed(_seed(self.hparams.seed, step))
+        t_gen = torch.Generator().manual_seed(stable_seed(self.hparams.seed, step))
         return stratified_times(
             num_examples * world,
             rank_offset=rank * num_examples,
@@ -266,7 +261,7 @@ class MaskedDiffusionLM(pl.LightningModule):
         scheduler = self.lr_schedulers()
         step, rank, world = self.global_step, self.global_rank, self.trainer.world_size
         # Dropout draws keyed by (seed, step, rank): a resumed run repeats them without saved RNG state.
-        torch.manual_seed(_seed(self.hparams.seed, "dropout", step, rank))
+        torch.manual_seed(stable_seed(self.hparams.seed, "dropout", step, rank))
         n = int(batch["sample_index"].shape[0])  # examples on this rank (rows may pack several)
         example = batch["example"]
         t = self._step_times(n)[example.clamp_min(0)]

@@ -1,11 +1,7 @@
 """The sampling loop: ``generate`` (answer prompts on a [MASK] canvas) and ``infill`` (fill holes).
 
-Plain torch; any callable with the denoiser contract works (``MaskedDiffusionLM.denoise`` is one):
-
-    denoiser(input_ids [B, L] long, attention_mask [B, L] long, query [B, L] bool) -> logits [N, V] float32
-
-returning logits only at the ``query`` positions (``N = query.sum()``, rows in the row-major order
-of ``query.nonzero()``), with the [MASK] column at ``-inf``.
+Plain torch; any callable with the denoiser contract (:class:`~diffusion_lm.denoiser.Denoiser`:
+logits only at the queried slots, [MASK] at ``-inf``) works; ``MaskedDiffusionLM.denoise`` is one.
 
 Per step and per active row: the window picks the slots that may be decided, only those are queried,
 logits processors edit the logits, the proposer picks a token per slot, the scorer ranks the slots,
@@ -29,21 +25,19 @@ from __future__ import annotations
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
+from ..denoiser import Denoiser
 from ..errors import ConfigError
+from ..seeding import row_seed
 from .config import SamplerConfig
 from .context import StepContext
 from .policies import NoRemasker
 from .trajectory import Trajectory, TrajectoryStep
 
 __all__ = ["Denoiser", "RowStats", "GenerationStats", "GenerationResult", "generate", "infill", "row_seed"]
-
-Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-_MASK64 = (1 << 64) - 1
 
 
 @dataclass
@@ -108,19 +102,6 @@ class GenerationResult:
     seed: int
     trajectories: Optional[list[Trajectory]] = None
     texts: Optional[list[str]] = None
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def row_seed(seed: int, row: int) -> int:
-    """The 63-bit generator seed of row ``row`` under base ``seed`` (well mixed: nearby seeds and rows
-    give unrelated streams)."""
-    return _splitmix64(_splitmix64(seed & _MASK64) ^ row) >> 1
 
 
 def _infer_device(denoiser: Denoiser, device: Union[None, str, torch.device]) -> torch.device:
