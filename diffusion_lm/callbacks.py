@@ -103,7 +103,7 @@ class ValidationSampling(Callback):
     # ------------------------------------------------------------------------------------ helpers
     @staticmethod
     def _as_prompt(p: Any):
-        from .data.datamodule import ValidationPrompt
+        from .chat import ValidationPrompt
 
         if isinstance(p, ValidationPrompt):
             return p
@@ -123,7 +123,7 @@ class ValidationSampling(Callback):
         if prompts is None:
             prompts = getattr(getattr(trainer, "datamodule", None), "validation_prompts", None)
         if prompts is None:
-            from .data.datamodule import DEFAULT_VALIDATION_PROMPTS
+            from .chat import DEFAULT_VALIDATION_PROMPTS
 
             self._warn_once("prompts", "ValidationSampling: the data module has no validation_prompts; "
                                        "using the default English and Russian prompts")

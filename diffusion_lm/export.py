@@ -444,7 +444,7 @@ def load_exported(path: Union[str, Path], map_location: Union[str, torch.device]
     ``generate``/``infill``/``chat`` behave as with the training checkpoint. The parsed metadata is
     attached as ``model.diffusion_config``.
     """
-    from .data.template import ChatTemplate
+    from .chat import ChatTemplate
     from .module import MaskedDiffusionLM
 
     path = str(path)

@@ -344,7 +344,7 @@ class MLMHealthCheck(pl.Callback):
 def _load_for_check(model: str, attn_implementation: Optional[str], device: torch.device):
     """(denoiser module, template, tokenizer) for a checkpoint, an export folder or a backbone."""
     from .backbone import Backbone, load_backbone
-    from .data.template import ChatTemplate
+    from .chat import ChatTemplate
 
     exported = os.path.isdir(model) and os.path.exists(os.path.join(model, "diffusion_config.json"))
     if os.path.isfile(model) or exported:

@@ -13,8 +13,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from .backbone import Backbone, ScratchBackbone, load_backbone
-from .data.conversation import Conversation, Turn
-from .data.template import ChatTemplate
+from .chat import ChatTemplate, Conversation, Turn
 from .errors import ConfigError, TrainingDiverged
 from .metrics import LanguageNelbo
 from .objective import masked_diffusion_nelbo

@@ -79,7 +79,7 @@ def _normal(key: str, value: Any) -> Any:
             return {"class_path": plain["class_path"], "init_args": plain.get("init_args") or {}}
         return plain
     if key == "role_headers":
-        from .data.template import DEFAULT_ROLE_HEADERS
+        from .chat import DEFAULT_ROLE_HEADERS
 
         return dict(DEFAULT_ROLE_HEADERS, **(_plain(value) or {}))
     return _plain(value)

@@ -5,115 +5,29 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
 import numpy as np
 from torch.utils.data import DataLoader
 
+from ..chat import DEFAULT_VALIDATION_PROMPTS, ChatTemplate, ValidationPrompt
 from ..errors import ConfigError
 from .batching import DialogBatchSampler, KeyedExamples, ResumableLoader
 from .collate import CanvasPolicy, DiffusionCollator
-from .conversation import Conversation, Turn
 from .examples import ExampleBuilder, example_features, parse_skip_key
 from .mixing import StoppingStrategy, apportion, mix_size, source_indices
+from .skips import SkipSummary
 from .sources import DataSource, load_raw
 from .streaming import StreamingExamples, rank_stream, tokenised_stream
-from .template import ChatTemplate
 
-__all__ = ["DialogDataModule", "ValidationPrompt", "DEFAULT_VALIDATION_PROMPTS", "SkipSummary"]
+__all__ = ["DialogDataModule"]
 
 log = logging.getLogger(__name__)
 
 # Columns only the skip accounting needs; they are dropped once counted.
 _ACCOUNTING = ["reason", "partial"]
-
-
-@dataclass
-class ValidationPrompt:
-    """A fixed prompt the sampling callback answers at every validation.
-
-    Args:
-        text: the user message.
-        language: ISO code (samples and their metrics are grouped by it).
-        system: optional system message before it.
-    """
-
-    text: str
-    language: str = "en"
-    system: Optional[str] = None
-
-    def conversation(self) -> Conversation:
-        """The prompt as a conversation (what ``MaskedDiffusionLM.prompt_ids`` takes)."""
-        turns = ([Turn("system", self.system)] if self.system else []) + [Turn("user", self.text)]
-        return Conversation(turns, source="validation_prompts", language=self.language)
-
-
-DEFAULT_VALIDATION_PROMPTS = [
-    ValidationPrompt("Hello, how are you?", "en"),
-    ValidationPrompt("What is your favorite book?", "en"),
-    ValidationPrompt("Tell me about computers.", "en"),
-    ValidationPrompt("Привет! Как дела?", "ru"),
-    ValidationPrompt("Что ты любишь есть?", "ru"),
-    ValidationPrompt("Расскажи мне о деньгах.", "ru"),
-]
-
-
-class SkipSummary:
-    """What the pipeline did not use, counted per ``(source/split, reason)``.
-
-    ``records`` counts records that gave no example at all; ``turns`` counts answers dropped from
-    records that still gave other examples (``train_turns: all``). Reasons are the keys of
-    :data:`~diffusion_lm.data.conversation.SKIP_REASONS`. (A plain class holding two counters, so it
-    pickles into DDP spawn processes and DataLoader workers.)
-    """
-
-    def __init__(self) -> None:
-        self.records: Counter = Counter()
-        self.turns: Counter = Counter()
-
-    def add(self, where: str, reason: str, partial: bool = False, n: int = 1) -> bool:
-        """Count ``n`` skips; returns True if this ``(where, reason)`` was not seen before."""
-        counter = self.turns if partial else self.records
-        new = (where, reason) not in counter
-        counter[(where, reason)] += n
-        return new
-
-    def count(self, reason: Optional[str] = None, where: Optional[str] = None, partial: bool = False) -> int:
-        """Skips matching ``reason`` and/or ``where`` (``source/split``, or a source label for both splits)."""
-        counter = self.turns if partial else self.records
-        return sum(
-            n for (w, r), n in counter.items()
-            if (reason is None or r == reason) and (where is None or w == where or w.rsplit("/", 1)[0] == where)
-        )
-
-    @property
-    def total(self) -> int:
-        """Total skipped records."""
-        return sum(self.records.values())
-
-    def __bool__(self) -> bool:
-        return bool(self.records or self.turns)
-
-    def to_dict(self) -> dict:
-        """``{"records": {where: {reason: n}}, "turns": {...}}`` (JSON-friendly)."""
-        out: dict = {"records": {}, "turns": {}}
-        for name, counter in (("records", self.records), ("turns", self.turns)):
-            for (where, reason), n in sorted(counter.items()):
-                out[name].setdefault(where, {})[reason] = n
-        return out
-
-    def describe(self) -> str:
-        """Readable per-source, per-reason counts."""
-        if not self:
-            return "no records skipped"
-        lines = [f"{self.total} record(s) skipped:"]
-        lines += [f"  {where}: {reason} x{n}" for (where, reason), n in sorted(self.records.items())]
-        if self.turns:
-            lines.append(f"{sum(self.turns.values())} answer turn(s) dropped from records that gave other examples:")
-            lines += [f"  {where}: {reason} x{n}" for (where, reason), n in sorted(self.turns.items())]
-        return "\n".join(lines)
 
 
 def _check_counts(**options: Optional[int]) -> None:

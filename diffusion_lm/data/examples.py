@@ -20,10 +20,10 @@ import json
 import logging
 from typing import Optional, Sequence
 
+from ..chat import BadRecord, ChatTemplate
 from .collate import CanvasPolicy
-from .conversation import BadRecord, BadRecordError
+from .skips import BadRecordError
 from .sources import DataSource, to_conversation
-from .template import ChatTemplate
 
 __all__ = ["ExampleBuilder", "PackRecord", "example_features", "skip_key", "parse_skip_key", "PACKED_COLUMN"]
 

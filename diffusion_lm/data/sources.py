@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Optional
 
 from ..errors import ConfigError
-from .conversation import BadRecord, Conversation, Turn
+from ..chat import BadRecord, Conversation, Turn
 
 __all__ = [
     "ADAPTERS",

@@ -128,7 +128,7 @@ def synthetic_tokenizer(folder: str | Path, max_number: int = 1000) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    from .template import DEFAULT_ROLE_HEADERS
+    from ..chat import DEFAULT_ROLE_HEADERS
 
     words: set[str] = set()
     pre = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(),

@@ -246,7 +246,7 @@ class PromptRecord:
 
 
 def _turns_from_messages(messages: Any, where: str) -> list:
-    from ..data.conversation import ROLES, Turn
+    from ..chat import ROLES, Turn
 
     if not isinstance(messages, list) or not messages:
         raise ConfigError(f"{where}: \"messages\" must be a non-empty list of {{role, content}} objects")
@@ -269,7 +269,7 @@ def read_prompt_file(path: str) -> list[PromptRecord]:
     """Read ``--input``: JSONL, one object per line with ``"prompt"`` (a user message) or
     ``"messages"`` (a conversation ending with a user message), optional ``"id"`` and ``"language"``.
     Blank lines are skipped."""
-    from ..data.conversation import Turn
+    from ..chat import Turn
 
     file = Path(path).expanduser()
     if not file.is_file():
@@ -303,7 +303,7 @@ def read_prompt_file(path: str) -> list[PromptRecord]:
 
 
 def _records(prompt: Optional[Sequence[str]], input: Optional[str], system: Optional[str] = None) -> list[PromptRecord]:
-    from ..data.conversation import Turn
+    from ..chat import Turn
 
     records: list[PromptRecord] = []
     for k, text in enumerate(prompt or []):
@@ -588,7 +588,7 @@ def infill_texts(
     with ``prompt`` it is the assistant's answer to that user message (the chat template:
     ``prompt ids + text + [EOS]``), for re-generating part of an answer.
     """
-    from ..data.conversation import Turn
+    from ..chat import Turn
     from .generate import infill
     from .spans import parse_spans, spans_to_ids
 
@@ -791,7 +791,7 @@ class ChatSession:
 
     def __init__(self, model, sampler: SamplerConfig, canvas_length: Optional[int] = None, seed: Optional[int] = 0,
                  system: Optional[str] = None) -> None:
-        from ..data.conversation import Turn
+        from ..chat import Turn
 
         self.model = model
         self.sampler = sampler
@@ -826,7 +826,7 @@ class ChatSession:
 
     def ask(self, text: str) -> ChatReply:
         """Answer ``text`` in the context of the conversation so far, and record the exchange."""
-        from ..data.conversation import Turn
+        from ..chat import Turn
 
         if not text.strip():
             raise ConfigError("empty message")

@@ -1,4 +1,4 @@
-"""The chat template: the ONE code path that turns role-tagged turns into token ids.
+"""Chat turns, conversations and the chat template: the ONE code path from turns to token ids.
 
 Training, sampling, export and evaluation all call :class:`ChatTemplate`, so the prompt the sampler
 builds for a conversation is token-for-token the prefix used in training (dLLM tokenised the prompt
@@ -12,16 +12,118 @@ Layout (ids are built per segment, never by re-tokenising a rendered string)::
 ``BOS`` is the tokenizer's [CLS] (or its BOS token); ``EOS`` ends every turn and is the explicit
 end-of-answer token: the tokenizer's EOS token if it has one distinct from PAD, else [SEP]. It is
 never PAD (dLLM aliased EOS to PAD for ModernBERT and the model learned to fill with it).
+
+Plain Python over a Hugging Face tokenizer (no torch, no Lightning): the model, the data pipeline,
+the pipeline functions and the callbacks all build on it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from ..errors import ConfigError
-from .conversation import Turn
+from .errors import ConfigError
 
-__all__ = ["ChatTemplate", "DEFAULT_ROLE_HEADERS", "special_ids"]
+__all__ = [
+    "BadRecord",
+    "ChatTemplate",
+    "Conversation",
+    "DEFAULT_LANGUAGES",
+    "DEFAULT_ROLE_HEADERS",
+    "DEFAULT_VALIDATION_PROMPTS",
+    "ROLES",
+    "Turn",
+    "ValidationPrompt",
+    "special_ids",
+]
+
+ROLES = ("system", "user", "assistant")
+
+# The languages of the project's mix and of its bundled defaults (validation prompts, the chatterbot
+# sample of `diffusion-lm check`, the model card of an export without a data summary).
+DEFAULT_LANGUAGES = ("en", "ru")
+
+
+class BadRecord(ValueError):
+    """A source record (or one answer of it) that cannot become a training example.
+
+    ``reason`` is a key of :data:`~diffusion_lm.data.skips.SKIP_REASONS` (the counter key); ``detail`` says what was found.
+    """
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+    def __reduce__(self):  # keep reason/detail when raised inside a datasets.map worker process
+        return (type(self), (self.reason, self.detail))
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One message: ``role`` is ``system``, ``user`` or ``assistant``."""
+
+    role: str
+    content: str
+
+
+@dataclass
+class Conversation:
+    """A dialog plus where it came from (for per-source and per-language metrics).
+
+    Args:
+        turns: the messages in order.
+        source: label of the data source (``DataSource.label``).
+        language: ISO code of the source; metrics are split by it.
+        index: record index inside the source (``-1`` when not from a source).
+        meta: free-form extras.
+    """
+
+    turns: list[Turn]
+    source: str = ""
+    language: str = ""
+    index: int = -1
+    meta: dict = field(default_factory=dict)
+
+    def validate(self) -> "Conversation":
+        """Raise :class:`BadRecord` unless this is a usable dialog ending with an assistant answer.
+
+        Dialogs with fewer than two messages are rejected here with a counted reason instead of
+        reaching the template (dLLM's chat template crashed on them).
+        """
+        if not self.turns:
+            raise BadRecord("empty_conversation")
+        for i, turn in enumerate(self.turns):
+            if turn.role not in ROLES:
+                raise BadRecord("unknown_role", f"message {i} has role {turn.role!r}")
+            if turn.content is None:
+                raise BadRecord("missing_content", f"message {i} ({turn.role})")
+            if not isinstance(turn.content, str):
+                raise BadRecord("non_string_content", f"message {i} ({turn.role}) is {type(turn.content).__name__}")
+            if not turn.content.strip():
+                raise BadRecord("empty_content", f"message {i} ({turn.role})")
+        if not any(t.role == "assistant" for t in self.turns):
+            raise BadRecord("no_assistant_turn", f"roles: {[t.role for t in self.turns]}")
+        if self.turns[-1].role != "assistant":
+            raise BadRecord("last_turn_not_assistant", f"last role is {self.turns[-1].role!r}")
+        if not any(t.role == "user" for t in self.turns):
+            raise BadRecord("no_user_turn", f"roles: {[t.role for t in self.turns]}")
+        return self
+
+    def answer_indices(self, which: str = "all") -> list[int]:
+        """Indices of the assistant turns to train on: every one preceded by a user turn, or the ``last``."""
+        seen_user, targets = False, []
+        for i, turn in enumerate(self.turns):
+            seen_user = seen_user or turn.role == "user"
+            if turn.role == "assistant" and seen_user:
+                targets.append(i)
+        return targets[-1:] if which == "last" else targets
+
+    @property
+    def first_user_text(self) -> Optional[str]:
+        """The first user message (handy for logging samples)."""
+        return next((t.content for t in self.turns if t.role == "user"), None)
+
 
 DEFAULT_ROLE_HEADERS = {"system": "System:", "user": "User:", "assistant": "Assistant:"}
 
@@ -186,3 +288,33 @@ class ChatTemplate:
             "mask_id": self.mask_id,
             "layout": "[BOS] (header content [EOS])* header(assistant) answer [EOS] [PAD]*",
         }
+
+
+@dataclass
+class ValidationPrompt:
+    """A fixed prompt the sampling callback answers at every validation.
+
+    Args:
+        text: the user message.
+        language: ISO code (samples and their metrics are grouped by it).
+        system: optional system message before it.
+    """
+
+    text: str
+    language: str = "en"
+    system: Optional[str] = None
+
+    def conversation(self) -> Conversation:
+        """The prompt as a conversation (what ``MaskedDiffusionLM.prompt_ids`` takes)."""
+        turns = ([Turn("system", self.system)] if self.system else []) + [Turn("user", self.text)]
+        return Conversation(turns, source="validation_prompts", language=self.language)
+
+
+DEFAULT_VALIDATION_PROMPTS = [
+    ValidationPrompt("Hello, how are you?", "en"),
+    ValidationPrompt("What is your favorite book?", "en"),
+    ValidationPrompt("Tell me about computers.", "en"),
+    ValidationPrompt("Привет! Как дела?", "ru"),
+    ValidationPrompt("Что ты любишь есть?", "ru"),
+    ValidationPrompt("Расскажи мне о деньгах.", "ru"),
+]
