@@ -1,6 +1,6 @@
 """diffusion_lm: turn pretrained BERT-like encoders into masked-diffusion text generators."""
 
-from .backbone import Backbone, ScratchBackbone, load_backbone
+from .backbone import Backbone, LoadedBackbone, ScratchBackbone, SparseHeadDenoiser, load_backbone
 from .data import CanvasPolicy, ChatTemplate, Conversation, DataSource, DialogDataModule, Turn
 from .errors import ConfigError
 from .export import export_checkpoint, export_model, load_exported
@@ -21,6 +21,7 @@ __all__ = [
     "CosineSchedule",
     "DataSource",
     "DialogDataModule",
+    "LoadedBackbone",
     "LogLinearSchedule",
     "MLMHealthCheck",
     "MaskedDiffusionLM",
@@ -28,6 +29,7 @@ __all__ = [
     "PolynomialSchedule",
     "SamplerConfig",
     "ScratchBackbone",
+    "SparseHeadDenoiser",
     "Turn",
     "export_checkpoint",
     "export_model",

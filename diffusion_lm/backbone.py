@@ -1,10 +1,11 @@
 """Loading encoders and computing logits only where they are needed.
 
 A backbone is a Hugging Face masked-LM (``AutoModelForMaskedLM``) from the hub, a local folder, or a
-:class:`ScratchBackbone` config (a model built from scratch, for the demo and tests). The
-:class:`Backbone` module splits it into the encoder body and the LM head so the head runs only on
-the hidden states of the positions being scored: full-vocabulary logits everywhere would cost
-~3 GB per fp32 copy at L=1024 for mmBERT's 256k vocabulary (dLLM and MDLM do).
+:class:`ScratchBackbone` config (a model built from scratch, for the demo and tests);
+:func:`load_backbone` returns it as a :class:`LoadedBackbone`. The :class:`SparseHeadDenoiser`
+module splits it into the encoder body and the LM head so the head runs only on the hidden states
+of the positions being scored: full-vocabulary logits everywhere would cost ~3 GB per fp32 copy at
+L=1024 for mmBERT's 256k vocabulary (dLLM and MDLM do).
 
 Families (see ``docs/models.md``):
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -41,6 +43,8 @@ __all__ = [
     "ScratchBackbone",
     "Backbone",
     "BackboneSpec",
+    "LoadedBackbone",
+    "SparseHeadDenoiser",
     "PACKING_ATTENTION",
     "DEMO_TOKENIZER",
     "FAMILIES",
@@ -82,6 +86,26 @@ class ScratchBackbone:
 
 
 BackboneSpec = Union[str, ScratchBackbone]
+
+
+@dataclass(frozen=True)
+class LoadedBackbone:
+    """What :func:`load_backbone` returns.
+
+    Attributes:
+        model: the Hugging Face masked LM (in train mode; its config has pad/eos/bos/mask ids).
+        tokenizer: its tokenizer, with the mask, pad and end tokens the framework needs.
+        fresh_head: True when the checkpoint had no MLM head (e.g. FRIDA), so the head is untrained.
+
+    It unpacks as ``model, tokenizer = load_backbone(...)``.
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    fresh_head: bool = False
+
+    def __iter__(self):
+        return iter((self.model, self.tokenizer))
 
 
 # ----------------------------------------------------------------------------- T5 encoder + MLM head
@@ -276,7 +300,7 @@ class Family:
     position_offset: Optional[Callable[[nn.Module], int]] = _no_offset
 
 
-# model_type -> family. Module-level functions (not closures) so the Backbone pickles for ddp_spawn.
+# model_type -> family. Module-level functions (not closures) so the denoiser pickles for ddp_spawn.
 FAMILIES: dict[str, Family] = {
     "modernbert": Family(_base_body, _modernbert_head, ("head.", "decoder."), _modernbert_segment_mask),
     "bert": Family(_base_body, _bert_head, ("cls.",)),
@@ -436,7 +460,7 @@ def _build_scratch(spec: ScratchBackbone, attn_implementation: Optional[str]):
         f"scratch {spec.model_type}",
     )
     ensure_special_tokens(tokenizer, model)
-    return model, tokenizer
+    return LoadedBackbone(model, tokenizer)
 
 
 def _warn_fresh_head(spec: str, model: nn.Module, missing: list[str]) -> bool:
@@ -460,14 +484,14 @@ def _warn_fresh_head(spec: str, model: nn.Module, missing: list[str]) -> bool:
 
 def load_backbone(
     spec: BackboneSpec, attn_implementation: Optional[str] = "sdpa", dtype: Optional[torch.dtype] = None
-):
-    """Load ``(model, tokenizer)`` for a hub id, a local folder, or a :class:`ScratchBackbone`.
+) -> LoadedBackbone:
+    """Load the model and tokenizer of a hub id, a local folder, or a :class:`ScratchBackbone`.
 
     Hub ids and folders go through ``AutoTokenizer`` / ``AutoModelForMaskedLM.from_pretrained``
     (no remote code). ``attn_implementation``: ``sdpa`` (default), ``flash`` /
     ``flash_attention_2``, ``eager``, ``flex`` or ``auto``; an implementation that is not available
-    here falls back to sdpa, then eager, with a warning. The model gets a ``diffusion_lm_fresh_head``
-    attribute: True when its checkpoint had no MLM head (e.g. FRIDA), so the head is untrained.
+    here falls back to sdpa, then eager, with a warning. ``fresh_head`` of the result is True when
+    the checkpoint had no MLM head (e.g. FRIDA), so the head is untrained.
     """
     from transformers import AutoTokenizer
 
@@ -509,12 +533,12 @@ def load_backbone(
                 f"families: {', '.join(sorted(FAMILIES))} (see docs/models.md)."
             ) from err
         raise
-    model.diffusion_lm_fresh_head = _warn_fresh_head(spec, model, list(info.get("missing_keys", [])))
+    fresh_head = _warn_fresh_head(spec, model, list(info.get("missing_keys", [])))
     ensure_special_tokens(tokenizer, model)
     # from_pretrained returns eval mode; Lightning keeps submodule modes as found, so a hub backbone
     # would fine-tune with its dropout silently off. Callers switch to eval for inference.
     model.train()
-    return model, tokenizer
+    return LoadedBackbone(model, tokenizer, fresh_head)
 
 
 # ----------------------------------------------------------------------------- the denoiser module
@@ -522,13 +546,14 @@ def load_backbone(
 PACKING_ATTENTION = ("sdpa", "eager", "flex_attention")
 
 
-class Backbone(nn.Module):
+class SparseHeadDenoiser(nn.Module):
     """A masked LM split into body (all positions) and head (selected positions only).
 
-    ``Backbone(model)(input_ids, attention_mask, query)`` is the *denoiser* contract of
-    :mod:`diffusion_lm.objective` and the sampler: float32 logits at the ``query`` positions with the
-    [MASK] column at -inf (the model never predicts [MASK]; a large negative constant overflowed fp16
-    in MDLM, mdlm#7, so we fill -inf after casting to float32).
+    ``SparseHeadDenoiser(model, mask_id)(input_ids, attention_mask, query)`` is the *denoiser*
+    (:class:`~diffusion_lm.denoiser.Denoiser`) of the objective, the sampler and the health check:
+    float32 logits at the ``query`` positions with the [MASK] column at -inf (the model never
+    predicts [MASK]; a large negative constant overflowed fp16 in MDLM, mdlm#7, so we fill -inf
+    after casting to float32).
 
     ``attention_mask`` is 0 on padding. Values above 1 mark *packed* rows: each value is a segment
     (one example), tokens attend only inside their segment and positions restart at every segment,
@@ -551,6 +576,12 @@ class Backbone(nn.Module):
     @property
     def body(self) -> nn.Module:
         return self.model.base_model
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of logits per position (the output embedding's rows)."""
+        head = self.model.get_output_embeddings()
+        return int(head.weight.shape[0]) if head is not None else int(self.model.config.vocab_size)
 
     def hidden_states(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, packed: Optional[bool] = None
@@ -597,6 +628,16 @@ class Backbone(nn.Module):
             return logits
         hidden = self.hidden_states(input_ids, attention_mask, packed)
         return self.head_logits(hidden[query])
+
+
+class Backbone(SparseHeadDenoiser):
+    """Deprecated name of :class:`SparseHeadDenoiser` (``Backbone`` also named the backbone spec and the
+    ``model.backbone`` option); it warns once and behaves the same."""
+
+    def __init__(self, model: nn.Module, mask_id: int) -> None:
+        warnings.warn("diffusion_lm.backbone.Backbone is deprecated: use SparseHeadDenoiser", DeprecationWarning,
+                      stacklevel=2)
+        super().__init__(model, mask_id)
 
 
 def describe(spec: BackboneSpec) -> dict:

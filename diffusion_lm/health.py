@@ -343,7 +343,7 @@ class MLMHealthCheck(pl.Callback):
 # ----------------------------------------------------------------------------- diffusion-lm check
 def _load_for_check(model: str, attn_implementation: Optional[str], device: torch.device):
     """(denoiser module, template, tokenizer) for a checkpoint, an export folder or a backbone."""
-    from .backbone import Backbone, load_backbone
+    from .backbone import SparseHeadDenoiser, load_backbone
     from .chat import ChatTemplate
 
     exported = os.path.isdir(model) and os.path.exists(os.path.join(model, "diffusion_config.json"))
@@ -354,7 +354,7 @@ def _load_for_check(model: str, attn_implementation: Optional[str], device: torc
         return lm, lm.template, lm.tokenizer
     backbone, tokenizer = load_backbone(model, attn_implementation=attn_implementation)
     template = ChatTemplate(tokenizer)
-    net = Backbone(backbone, template.mask_id).to(device).eval()
+    net = SparseHeadDenoiser(backbone, template.mask_id).to(device).eval()
     return net, template, tokenizer
 
 

@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from .backbone import Backbone, ScratchBackbone, load_backbone
+from .backbone import ScratchBackbone, SparseHeadDenoiser, load_backbone
 from .chat import ChatTemplate, Conversation, Turn
 from .errors import ConfigError, TrainingDiverged
 from .metrics import LanguageNelbo
@@ -134,12 +134,12 @@ class MaskedDiffusionLM(pl.LightningModule):
             self.hparams["schedule"] = self.hparams["schedule"].to_config()
         self.automatic_optimization = False
         self.schedule = schedule or LogLinearSchedule()
-        model, tokenizer = load_backbone(backbone, attn_implementation=attn_implementation)
-        self.tokenizer = tokenizer
-        self.template = ChatTemplate(tokenizer, role_headers=role_headers)
+        loaded = load_backbone(backbone, attn_implementation=attn_implementation)
+        self.tokenizer = loaded.tokenizer
+        self.template = ChatTemplate(loaded.tokenizer, role_headers=role_headers)
         if gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.net = Backbone(model, self.template.mask_id)
+            loaded.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.net = SparseHeadDenoiser(loaded.model, self.template.mask_id)
         self.val_metrics = LanguageNelbo(["en", "ru"])
         self.test_metrics = LanguageNelbo(["en", "ru"])
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient (checkpointed)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from diffusion_lm import ConfigError, DataSource, DialogDataModule, MaskedDiffusionLM
-from diffusion_lm.backbone import Backbone, T5EncoderForMaskedLM, ensure_special_tokens, load_backbone
+from diffusion_lm.backbone import SparseHeadDenoiser, T5EncoderForMaskedLM, ensure_special_tokens, load_backbone
 from diffusion_lm.data import CanvasPolicy, ChatTemplate, Turn
 
 from .families import FAMILY_NAMES, make_family, roberta_tokenizer, t5_tokenizer
@@ -49,13 +49,22 @@ def test_family_loads_and_head_split_matches_full_logits(folders, family):
     attention[1, -3:] = 0
     query = torch.zeros_like(x, dtype=torch.bool)
     query[:, -8:-3] = True
-    net = Backbone(model, template.mask_id).eval()
+    net = SparseHeadDenoiser(model, template.mask_id).eval()
     with torch.no_grad():
         full = model(input_ids=x, attention_mask=attention).logits[query].float()
         full[:, template.mask_id] = float("-inf")
         split = net(x, attention, query)
     assert split.shape == (int(query.sum()), model.get_output_embeddings().weight.shape[0])
     torch.testing.assert_close(split, full, rtol=1e-5, atol=1e-5)
+
+
+def test_backbone_is_a_deprecated_name_of_the_sparse_head_denoiser(folders):
+    from diffusion_lm.backbone import Backbone
+
+    model, tokenizer = load_backbone(str(folders["bert"]))
+    with pytest.warns(DeprecationWarning, match="SparseHeadDenoiser"):
+        net = Backbone(model, tokenizer.mask_token_id)
+    assert isinstance(net, SparseHeadDenoiser) and net.vocab_size == model.get_output_embeddings().weight.shape[0]
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -67,7 +76,7 @@ def test_a_packed_row_computes_what_separate_rows_compute(folders, tmp_path, fam
     if family == "modernbert":  # a short sliding window, so the local layers' segment mask matters
         folder = make_family("modernbert", tmp_path / "local", config_edit=lambda c: setattr(c, "local_attention", 4))
     model, tokenizer = load_backbone(str(folder), attn_implementation=attn)
-    net = Backbone(model.eval(), tokenizer.mask_token_id)
+    net = SparseHeadDenoiser(model.eval(), tokenizer.mask_token_id)
     g = torch.Generator().manual_seed(0)
     examples = [torch.randint(5, len(tokenizer) - 1, (n,), generator=g) for n in (9, 14, 6)]
     width = max(len(e) for e in examples)
@@ -88,11 +97,12 @@ def test_t5_encoder_gets_a_mask_token_and_a_fresh_head_tied_to_its_embeddings(fo
 
     encoder = T5EncoderModel.from_pretrained(folders["t5"])
     with caplog.at_level(logging.WARNING, logger="diffusion_lm.backbone"):
-        model, tokenizer = load_backbone(str(folders["t5"]))
+        loaded = load_backbone(str(folders["t5"]))
+    model, tokenizer = loaded
     assert model.training  # ready to fine-tune: from_pretrained's eval mode would silently disable dropout
     model.eval()
     assert isinstance(model, T5EncoderForMaskedLM)
-    assert model.diffusion_lm_fresh_head is True
+    assert loaded.fresh_head is True
     assert "no masked-LM head" in caplog.text
     assert tokenizer.mask_token == "<mask>" and tokenizer.mask_token_id == len(tokenizer) - 1
     assert model.shared.weight.shape[0] == len(tokenizer) == encoder.shared.weight.shape[0] + 1
@@ -105,8 +115,7 @@ def test_t5_encoder_gets_a_mask_token_and_a_fresh_head_tied_to_its_embeddings(fo
 
 
 def test_models_with_an_mlm_head_are_not_flagged_fresh(folders):
-    model, _ = load_backbone(str(folders["bert"]))
-    assert model.diffusion_lm_fresh_head is False
+    assert load_backbone(str(folders["bert"])).fresh_head is False
 
 
 def test_config_without_pad_and_eos_ids_gets_the_tokenizers(tmp_path):

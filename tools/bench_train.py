@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from diffusion_lm.backbone import Backbone
+from diffusion_lm.backbone import SparseHeadDenoiser
 from diffusion_lm.objective import masked_diffusion_nelbo
 from diffusion_lm.schedules import LogLinearSchedule, stratified_times
 
@@ -72,7 +72,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = build(args).to(device)
     mask_id = args.vocab - 1
-    net = Backbone(model, mask_id)
+    net = SparseHeadDenoiser(model, mask_id)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     schedule = LogLinearSchedule()
     ids = torch.randint(1, args.vocab - 1, (args.batch, args.length), device=device)

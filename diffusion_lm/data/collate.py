@@ -70,7 +70,7 @@ class DiffusionCollator:
     Layout of one example: ``prompt, answer (ending with EOS), pad filler`` (see :class:`CanvasPolicy`).
     With ``pack_length`` set, examples are packed (first-fit decreasing) into rows of at most that
     many tokens, each example a *segment* that attends only to itself (see
-    :class:`~diffusion_lm.backbone.Backbone`): no padding is spent on short examples and no length
+    :class:`~diffusion_lm.backbone.SparseHeadDenoiser`): no padding is spent on short examples and no length
     grouping is needed. Without it, every example gets a row of its own.
 
     Row keys (``[R, W]``): ``input_ids`` (clean ids), ``attention_mask`` (0 on row padding, else the
