@@ -189,7 +189,7 @@ class ValidationSampling(Callback):
             convs.append(conv)
         if not kept:
             return []
-        from .sampling.generate import generate
+        from .sampling.loop import generate
 
         was_training = pl_module.training
         pl_module.eval()

@@ -8,7 +8,9 @@ logits processors). See ``docs/sampling.md``.
 
 from .config import PRESETS, SamplerConfig
 from .context import StepContext
-from .generate import Denoiser, GenerationResult, GenerationStats, RowStats, generate, infill, row_seed
+from ..denoiser import Denoiser
+from ..seeding import row_seed
+from .loop import GenerationResult, GenerationStats, RowStats, generate, infill
 from .metrics import longest_run, repeated_ngram_rate, repetition_summary
 from .policies import (
     PROPOSERS,

@@ -417,7 +417,7 @@ def answer_prompts(
 
     Rows are decoded in batches of ``batch_size``; per-row seeds make results independent of it up to
     the float rounding of the model's batched kernels (see ``docs/sampling.md``)."""
-    from .generate import generate
+    from .loop import generate
 
     canvas = canvas_length if canvas_length is not None else int(model.hparams.canvas_length)
     _check_flags(canvas_length=canvas, batch_size=batch_size)
@@ -589,7 +589,7 @@ def infill_texts(
     ``prompt ids + text + [EOS]``), for re-generating part of an answer.
     """
     from ..chat import Turn
-    from .generate import infill
+    from .loop import infill
     from .spans import parse_spans, spans_to_ids
 
     _check_flags(batch_size=batch_size, default_slots=default_slots)

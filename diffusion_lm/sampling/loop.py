@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
@@ -33,52 +33,11 @@ from ..denoiser import Denoiser
 from ..errors import ConfigError
 from ..seeding import row_seed
 from .config import SamplerConfig
-from .context import StepContext
 from .policies import NoRemasker
-from .trajectory import Trajectory, TrajectoryStep
+from .step import Canvas, GenerationStats, RowStats, advance_row, decide, forward, rows_of
+from .trajectory import Trajectory
 
 __all__ = ["Denoiser", "RowStats", "GenerationStats", "GenerationResult", "generate", "infill", "row_seed"]
-
-
-@dataclass
-class RowStats:
-    """Cost of one row: forward passes it took part in, tokens the sampler committed (EOS included,
-    pad filler not), tokens re-masked, and seconds from the start of its batch until it finished."""
-
-    nfe: int = 0
-    tokens: int = 0
-    remasked: int = 0
-    seconds: float = 0.0
-
-    @property
-    def tokens_per_forward(self) -> float:
-        return self.tokens / self.nfe if self.nfe else 0.0
-
-
-@dataclass
-class GenerationStats:
-    """Cost of a whole call.
-
-    Attributes:
-        nfe: denoiser calls (batched forward passes).
-        row_forwards: rows summed over those calls (the compute actually spent, in row-forwards).
-        tokens: tokens committed over all rows.
-        seconds: wall time of the call.
-    """
-
-    nfe: int = 0
-    row_forwards: int = 0
-    tokens: int = 0
-    seconds: float = 0.0
-
-    @property
-    def tokens_per_forward(self) -> float:
-        """Tokens committed per denoiser call (batch parallelism included)."""
-        return self.tokens / self.nfe if self.nfe else 0.0
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
 @dataclass
@@ -240,18 +199,6 @@ def infill(
 
 
 # ------------------------------------------------------------------------------------------ the loop
-@dataclass
-class _RowState:
-    total_slots: int
-    remask: dict
-    window: Optional[int] = None
-    step: int = 0
-    plan: Optional[list[int]] = None
-    carry: int = 0
-    has_eos: bool = False
-    stats: RowStats = field(default_factory=RowStats)
-
-
 def _decode(
     denoiser: Denoiser,
     rows: list[list[int]],
@@ -271,6 +218,7 @@ def _decode(
     device: Union[None, str, torch.device],
 ) -> GenerationResult:
     seed = secrets.randbits(63) if seed is None else int(seed)
+    row_seeds = [row_seed(seed, i) for i in range(len(rows))]
     dev = _infer_device(denoiser, device)
     processors = config.logits_processors(eos_policy=eos_policy)
     n = len(rows)
@@ -284,7 +232,7 @@ def _decode(
         chunk = list(range(lo, min(n, lo + size)))
         _decode_chunk(
             denoiser, chunk, rows, editable, region, config, processors, sequences, row_stats, trajectories, total,
-            mask_id=mask_id, eos_id=eos_id, pad_id=pad_id, stop_on_eos=stop_on_eos, seed=seed, device=dev,
+            mask_id=mask_id, eos_id=eos_id, pad_id=pad_id, stop_on_eos=stop_on_eos, row_seeds=row_seeds, device=dev,
         )
     total.seconds = time.perf_counter() - t_call
     total.tokens = sum(s.tokens for s in row_stats)
@@ -292,29 +240,6 @@ def _decode(
         ids=[list(s) for s in sequences], sequences=sequences, row_stats=row_stats, stats=total, seed=seed,
         trajectories=trajectories,
     )
-
-
-def _pick(order: list[int], pos: list[int], tok: list[int], k: int, exact: bool, checkers: list) -> list[int]:
-    """Indices (into the row's candidates) to commit: the ``k`` best by ``order``, skipping candidates a
-    step checker vetoes (e.g. a duplicate of a neighbour committed in the same step). ``exact``
-    refills skipped candidates if the count would otherwise fall short; otherwise only the ``k``
-    best are considered (threshold: the skipped ones wait for the next step)."""
-    if not checkers:
-        return order[:k]
-    chosen: list[int] = []
-    skipped: list[int] = []
-    for i in order if exact else order[:k]:
-        if len(chosen) == k:
-            break
-        if all(c.allows(pos[i], tok[i]) for c in checkers):
-            chosen.append(i)
-            for c in checkers:
-                c.accept(pos[i], tok[i])
-        else:
-            skipped.append(i)
-    if exact and len(chosen) < k:
-        chosen += skipped[: k - len(chosen)]
-    return chosen or order[:1]  # progress guarantee: every step commits at least one slot
 
 
 def _decode_chunk(
@@ -334,166 +259,29 @@ def _decode_chunk(
     eos_id: int,
     pad_id: int,
     stop_on_eos: bool,
-    seed: int,
+    row_seeds: list[int],
     device: torch.device,
 ) -> None:
-    t0 = time.perf_counter()
-    b = len(chunk)
-    lengths = [len(rows[g]) for g in chunk]
-    width = max(lengths)
-    # The state lives on the CPU (a few KB); only the active sub-batch travels to the device.
-    ids = torch.full((b, width), pad_id, dtype=torch.long)
-    attn = torch.zeros((b, width), dtype=torch.long)
-    editable = torch.zeros((b, width), dtype=torch.bool)
-    region = torch.zeros((b, width), dtype=torch.bool)
-    for r, g in enumerate(chunk):
-        L = lengths[r]
-        ids[r, :L] = torch.tensor(rows[g], dtype=torch.long)
-        attn[r, :L] = 1
-        editable[r, :L] = torch.tensor(editable_rows[g], dtype=torch.bool)
-        region[r, :L] = torch.tensor(region_rows[g], dtype=torch.bool)
-    ids[editable] = mask_id
-    masked = editable.clone()
-    confidence = torch.zeros((b, width), dtype=torch.float32)
-    remasker = config.remasker
-    needs_confidence = not isinstance(remasker, NoRemasker)
-    states = [_RowState(int(editable[r].sum()), remasker.start_row(int(editable[r].sum()))) for r in range(b)]
-    for r, g in enumerate(chunk):
-        states[r].stats = row_stats[g]
-    generators: list[Optional[torch.Generator]] = [None] * b
-    active = [r for r in range(b) if states[r].total_slots > 0]
-    # Every forward commits >= 1 token per active row and remasking is budgeted, so this bounds the loop.
-    max_forwards = max([s.total_slots + s.remask.get("left", 0) for s in states] + [0]) + 1
-
-    for forward in range(max_forwards + 1):
+    """Decode the rows ``chunk`` together until every row is done (see :mod:`~diffusion_lm.sampling.step`)."""
+    canvas = Canvas.build(chunk, rows, editable_rows, region_rows, row_stats, config.remasker, mask_id=mask_id,
+                          pad_id=pad_id)
+    needs_confidence = not isinstance(config.remasker, NoRemasker)
+    active = canvas.pending()
+    max_forwards = canvas.max_forwards()
+    for n_forward in range(max_forwards + 1):
         if not active:
             break
-        if forward == max_forwards:
+        if n_forward == max_forwards:
             raise RuntimeError("sampler did not terminate within its step bound (a selector committed nothing?)")
-        sel = torch.tensor(active)
-        w = max(lengths[r] for r in active)  # trim the batch padding of rows that finished
-        s_ids, s_attn = ids[sel, :w], attn[sel, :w]
-        s_edit, s_masked, s_region = editable[sel, :w], masked[sel, :w], region[sel, :w]
-        window_ids, in_window = config.window(s_edit, s_masked)
-        query = s_masked & in_window
-        q_rows_cpu, q_pos_cpu = query.nonzero(as_tuple=True)
-        counts = query.sum(dim=1).tolist()
-
-        logits = denoiser(s_ids.to(device), s_attn.to(device), query.to(device))
-        n_query = int(q_rows_cpu.numel())
-        if logits.dim() != 2 or logits.shape[0] != n_query:
-            raise ValueError(
-                f"denoiser returned logits of shape {tuple(logits.shape)}; expected [N, V] with "
-                f"N = query.sum() = {n_query} (logits only at the queried slots, row-major order)"
-            )
-        total.nfe += 1
-        total.row_forwards += len(active)
-        ldev = logits.device
-        for r in active:
-            if generators[r] is None:
-                generators[r] = torch.Generator(device=ldev).manual_seed(row_seed(seed, chunk[r]))
-        ctx = StepContext(
-            ids=s_ids.to(ldev), attention_mask=s_attn.to(ldev), editable=s_edit.to(ldev), masked=s_masked.to(ldev),
-            region=s_region.to(ldev), query=query.to(ldev), q_rows=q_rows_cpu.to(ldev), q_pos=q_pos_cpu.to(ldev),
-            mask_id=mask_id, eos_id=eos_id, pad_id=pad_id, generators=[generators[r] for r in active],  # type: ignore[misc]
-            ids_cpu=s_ids, region_cpu=s_region, known_cpu=s_attn.bool() & ~s_masked,
-        )
-        raw = logits.float()
-        processed = raw.clone() if processors else raw
-        for processor in processors:
-            processed = processor(processed, ctx)
-        if processors:
-            dead = torch.isneginf(processed.max(dim=-1).values)
-            if bool(dead.any()):  # every token banned at a slot: fall back to the model's own logits there
-                processed[dead] = raw[dead]
-        proposals = config.proposer(processed, ctx)
-        # Rank on the model's own (unprocessed, untempered) probabilities, with pad filler and EOS
-        # counted as one "the answer has ended" event: a content token proposed in the padded tail
-        # (where the model puts its mass on filler) then ranks last instead of being renormalised
-        # into a confident-looking junk token.
-        score_logits = raw
-        if eos_id != pad_id:
-            score_logits = raw.clone()
-            score_logits[:, eos_id] = torch.logaddexp(raw[:, eos_id], raw[:, pad_id])
-            score_logits[:, pad_id] = float("-inf")
-        scores = config.scorer(score_logits, proposals, ctx)
-        prop_l, score_l, pos_l = proposals.tolist(), scores.tolist(), q_pos_cpu.tolist()
-        prob_l = None
-        if needs_confidence:
-            prob_l = processed.log_softmax(dim=-1).gather(-1, proposals[:, None]).squeeze(-1).exp().tolist()
-        window_l = window_ids.tolist()
-        if processors:  # inputs of the processors' same-step checkers
-            usable_l = (ctx.known_cpu & s_region & (s_ids != eos_id) & (s_ids != pad_id)).tolist()
-            ids_l = s_ids.tolist()
-
-        offset = 0
+        step = forward(denoiser, canvas, active, config, device=device, row_seeds=row_seeds, total=total,
+                       mask_id=mask_id, eos_id=eos_id, pad_id=pad_id)
+        decisions = decide(step, config, processors, needs_confidence)
         still_active = []
-        for j, r in enumerate(active):
-            st = states[r]
-            k_n = counts[j]
-            rpos, rtok = pos_l[offset:offset + k_n], prop_l[offset:offset + k_n]
-            rscore = score_l[offset:offset + k_n]
-            rprob = prob_l[offset:offset + k_n] if prob_l is not None else None
-            offset += k_n
-            if st.window != window_l[j]:
-                st.window, st.step, st.carry = window_l[j], 0, 0
-                st.plan = config.selector.plan(k_n, st.total_slots)
-            order = sorted(range(k_n), key=lambda i: -rscore[i])  # stable: ties go left to right
-            k, exact = config.selector.quota([rscore[i] for i in order], st.plan, st.step, st.carry)
-            st.carry = 0
-            st.step += 1
-            checkers = [c for c in (p.step_checker(ids_l[j], usable_l[j], ctx) for p in processors) if c is not None] \
-                if processors else []
-            chosen = _pick(order, rpos, rtok, max(1, min(k, k_n)), exact, checkers)
-            step_rec = TrajectoryStep(forward=st.stats.nfe) if trajectories is not None else None
-            st.stats.nfe += 1
-            st.stats.tokens += len(chosen)
-            committed_now = set()
-            for i in chosen:
-                p = rpos[i]
-                ids[r, p] = rtok[i]
-                masked[r, p] = False
-                committed_now.add(p)
-                if rprob is not None:
-                    confidence[r, p] = rprob[i]
-                if step_rec is not None:
-                    step_rec.committed.append((p, rtok[i]))
-
-            if stop_on_eos and not st.has_eos and any(rtok[i] == eos_id for i in chosen):
-                # Stop rule: the answer ends at its first EOS; the rest of the canvas becomes filler.
-                st.has_eos = True
-                is_eos = editable[r] & ~masked[r] & (ids[r] == eos_id)
-                first = int(is_eos.nonzero()[0, 0])
-                tail = editable[r].clone()
-                tail[: first + 1] = False
-                if step_rec is not None:
-                    step_rec.filled = tail.nonzero().flatten().tolist()
-                ids[r, tail] = pad_id
-                masked[r, tail] = False
-
-            if needs_confidence and not st.has_eos:
-                in_win = torch.zeros(width, dtype=torch.bool)
-                in_win[:w] = in_window[j]
-                if bool((masked[r] & in_win).any()):  # never delay a window that is complete
-                    cand_mask = in_win & editable[r] & ~masked[r] & (ids[r] != eos_id) & (ids[r] != pad_id)
-                    candidates = [(p, float(confidence[r, p])) for p in cand_mask.nonzero().flatten().tolist()
-                                  if p not in committed_now]
-                    reopened = remasker.choose(candidates, st.remask, generators[r])  # type: ignore[arg-type]
-                    if reopened:
-                        ids[r, reopened] = mask_id
-                        masked[r, reopened] = True
-                        st.carry += len(reopened)
-                        st.stats.remasked += len(reopened)
-                        if step_rec is not None:
-                            step_rec.remasked = list(reopened)
-
-            if step_rec is not None:
-                trajectories[chunk[r]].steps.append(step_rec)  # type: ignore[index]
-            if bool(masked[r].any()):
-                still_active.append(r)
-            else:
-                st.stats.seconds = time.perf_counter() - t0
+        for row in rows_of(step, decisions):
+            trajectory = trajectories[chunk[row.r]] if trajectories is not None else None
+            if advance_row(canvas, step, row, decisions, config, processors, stop_on_eos=stop_on_eos,
+                           mask_id=mask_id, eos_id=eos_id, pad_id=pad_id, trajectory=trajectory):
+                still_active.append(row.r)
         active = still_active
-
     for r, g in enumerate(chunk):
-        sequences[g] = ids[r, : lengths[r]].tolist()
+        sequences[g] = canvas.row_ids(r)
