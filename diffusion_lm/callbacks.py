@@ -39,8 +39,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
+from .chat import DEFAULT_VALIDATION_PROMPTS, ValidationPrompt
 from .errors import ConfigError
-from .sampling.commands import build_sampler
 from .sampling.config import SamplerConfig
 from .sampling.metrics import longest_run, repeated_ngram_rate
 
@@ -87,7 +87,7 @@ class ValidationSampling(Callback):
             raise ConfigError(f"ValidationSampling.canvas_length must be >= 1, got {canvas_length}")
         if batch_size < 1:
             raise ConfigError(f"ValidationSampling.batch_size must be >= 1, got {batch_size}")
-        self.sampler: SamplerConfig = build_sampler(preset, sampler)
+        self.sampler: SamplerConfig = SamplerConfig.resolve(preset, sampler)
         self.preset = preset
         self.canvas_length = canvas_length
         self.every_n_validations = every_n_validations
@@ -102,9 +102,7 @@ class ValidationSampling(Callback):
 
     # ------------------------------------------------------------------------------------ helpers
     @staticmethod
-    def _as_prompt(p: Any):
-        from .chat import ValidationPrompt
-
+    def _as_prompt(p: Any) -> ValidationPrompt:
         if isinstance(p, ValidationPrompt):
             return p
         if isinstance(p, dict):
@@ -123,8 +121,6 @@ class ValidationSampling(Callback):
         if prompts is None:
             prompts = getattr(getattr(trainer, "datamodule", None), "validation_prompts", None)
         if prompts is None:
-            from .chat import DEFAULT_VALIDATION_PROMPTS
-
             self._warn_once("prompts", "ValidationSampling: the data module has no validation_prompts; "
                                        "using the default English and Russian prompts")
             prompts = DEFAULT_VALIDATION_PROMPTS
@@ -176,40 +172,27 @@ class ValidationSampling(Callback):
         """Generate the answers and return one row per prompt (no logging)."""
         prompts = self._select_prompts(trainer)
         canvas = self.canvas_length or int(pl_module.hparams.canvas_length)
-        limit = int(pl_module.max_length)
         kept, convs = [], []
         for p in prompts:
             conv = p.conversation()
-            n = len(pl_module.prompt_ids(conv))
-            if n + canvas > limit:
-                self._warn_once(f"long:{p.text}", f"ValidationSampling: skipping the prompt {p.text[:40]!r}: {n} tokens "
-                                                  f"+ canvas {canvas} > the model's {limit} positions")
+            problem = pl_module.length_problem(f"the prompt {p.text[:40]!r}", len(pl_module.prompt_ids(conv)), canvas)
+            if problem is not None:
+                self._warn_once(f"long:{p.text}", f"ValidationSampling: skipping {problem}")
                 continue
             kept.append(p)
             convs.append(conv)
         if not kept:
             return []
-        from .sampling.loop import generate
-
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            tpl = pl_module.template
-            result = generate(
-                pl_module.denoise, [pl_module.prompt_ids(c) for c in convs], mask_id=tpl.mask_id, eos_id=tpl.eos_id,
-                pad_id=tpl.pad_id, canvas_length=canvas, sampler=self.sampler, seed=self.seed,
-                max_batch_size=self.batch_size, max_length=limit,
-            )
-        finally:
-            pl_module.train(was_training)
+        result = pl_module.generate(convs, sampler=self.sampler, canvas_length=canvas, seed=self.seed,
+                                    max_batch_size=self.batch_size)
         rows = []
-        for p, ids, stats in zip(kept, result.ids, result.row_stats):
+        for p, ids, text, stats in zip(kept, result.ids, result.texts, result.row_stats):
             rows.append({
                 "step": int(trainer.global_step),
                 "epoch": int(trainer.current_epoch),
                 "prompt": p.text,
                 "language": p.language,
-                "answer": tpl.decode_answer(ids),
+                "answer": text,
                 "rep3": round(repeated_ngram_rate(ids, 3), 6),
                 "longest_run": longest_run(ids),
                 "length": len(ids),

@@ -32,7 +32,8 @@ from fsspec.implementations.local import LocalFileSystem
 from .errors import ConfigError
 from .files import atomic_write
 
-__all__ = ["AtomicCheckpointIO", "NonFiniteCheckpointError", "non_finite_tensors"]
+__all__ = ["AtomicCheckpointIO", "NonFiniteCheckpointError", "non_finite_tensors", "read_checkpoint_file",
+           "unreadable_checkpoint_message"]
 
 
 class NonFiniteCheckpointError(ConfigError):
@@ -89,3 +90,13 @@ def unreadable_checkpoint_message(path: _PATH, err: BaseException) -> str:
     first = str(err).strip().splitlines()[0] if str(err).strip() else ""
     return (f"checkpoint {path} cannot be read ({type(err).__name__}: {first}); it is truncated or not a "
             "Lightning checkpoint: use an earlier checkpoint")
+
+
+def read_checkpoint_file(path: _PATH, flag: str = "--ckpt_path") -> dict:
+    """The checkpoint dict at ``path``, weights memory-mapped (not read into memory): for its
+    hyperparameters, data summary or EMA state. A file ``torch.load`` cannot read (truncated, not a
+    checkpoint) is a one-line :class:`ConfigError` naming ``flag``."""
+    try:
+        return torch.load(os.path.expanduser(os.fspath(path)), map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:  # truncated zip, not a checkpoint at all, ...
+        raise ConfigError(f"{flag}: {unreadable_checkpoint_message(path, err)}") from None

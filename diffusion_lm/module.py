@@ -19,9 +19,11 @@ from .metrics import LanguageNelbo
 from .objective import masked_diffusion_nelbo
 from .resume import apply_optimizer_hparams, changed_hparams, check_resume, describe_resume
 from .schedules import LogLinearSchedule, NoiseSchedule, indexed_times, stratified_times
+from .sampling.loop import GenerationResult
+from .sampling.loop import generate as sample
 from .seeding import counter_uniform_at, stable_seed
 
-__all__ = ["MaskedDiffusionLM", "load_model"]
+__all__ = ["MaskedDiffusionLM"]
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +144,7 @@ class MaskedDiffusionLM(pl.LightningModule):
         self.net = SparseHeadDenoiser(loaded.model, self.template.mask_id)
         self.val_metrics = LanguageNelbo(["en", "ru"])
         self.test_metrics = LanguageNelbo(["en", "ru"])
+        self.diffusion_config: Optional[dict] = None  # an export folder's metadata (set by loading.load_exported)
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient (checkpointed)
         self._nonfinite_streak = 0
 
@@ -390,29 +393,65 @@ class MaskedDiffusionLM(pl.LightningModule):
         canvas_length: Optional[int] = None,
         seed: Optional[int] = 0,
         return_trajectory: bool = False,
-    ):
-        """Answer each prompt; returns the sampler's result with decoded ``texts`` attached."""
-        from .sampling import generate as sample
+        max_batch_size: Optional[int] = None,
+        labels: Optional[Sequence[str]] = None,
+    ) -> GenerationResult:
+        """Answer each prompt (a user message, a :class:`Conversation` or its turns): the one text ->
+        answer path (the pipeline functions, the chat session and the validation callback call it).
 
+        The prompts are built by the training chat template, checked against the model's length
+        (:meth:`check_lengths`; ``labels`` name them in the error, default ``prompt 1``, ...), answered by
+        :func:`~diffusion_lm.sampling.generate` in eval mode (``sampler``: a :class:`SamplerConfig`, a
+        preset name or a mapping; ``max_batch_size`` rows per forward) and decoded: the result is the
+        sampler's, with the answers' ``texts`` attached.
+        """
+        canvas = canvas_length or int(self.hparams.canvas_length)
+        prompt_ids = [self.prompt_ids(p) for p in prompts]
+        self.check_lengths(prompt_ids, canvas, labels)
         was_training = self.training
         self.eval()
         try:
+            tpl = self.template
             result = sample(
-                self.denoise,
-                [self.prompt_ids(p) for p in prompts],
-                mask_id=self.template.mask_id,
-                eos_id=self.template.eos_id,
-                pad_id=self.template.pad_id,
-                canvas_length=canvas_length or self.hparams.canvas_length,
-                sampler=sampler,
-                seed=seed,
-                return_trajectory=return_trajectory,
-                max_length=self.max_length,
+                self.denoise, prompt_ids, mask_id=tpl.mask_id, eos_id=tpl.eos_id, pad_id=tpl.pad_id,
+                canvas_length=canvas, sampler=sampler, seed=seed, return_trajectory=return_trajectory,
+                max_batch_size=max_batch_size, max_length=self.max_length,
             )
         finally:
             self.train(was_training)
         result.texts = [self.template.decode_answer(ids) for ids in result.ids]
         return result
+
+    def prompt_budget(self, canvas_length: int) -> int:
+        """Prompt tokens that fit next to ``canvas_length`` answer slots (a :class:`ConfigError` when the
+        canvas alone fills the model)."""
+        limit = self.max_length
+        if canvas_length >= limit:
+            raise ConfigError(f"--canvas_length {canvas_length} leaves no room for a prompt: the model takes {limit} "
+                              f"positions in all; lower --canvas_length")
+        return limit - canvas_length
+
+    def length_problem(self, label: str, prompt_tokens: int, canvas_length: int) -> Optional[str]:
+        """Why a prompt of ``prompt_tokens`` does not fit next to ``canvas_length`` answer slots, naming it
+        ``label`` and the fix; None when it fits."""
+        limit, total = self.max_length, prompt_tokens + canvas_length
+        if total <= limit:
+            return None
+        fix = f"shorten the prompt to at most {limit - canvas_length} tokens"
+        if prompt_tokens < limit:
+            fix += f" or lower --canvas_length to at most {limit - prompt_tokens}"
+        return (f"{label} is {prompt_tokens} tokens; with --canvas_length {canvas_length} that is {total} > the "
+                f"model's limit of {limit} positions: {fix}")
+
+    def check_lengths(self, prompt_ids: Sequence[Sequence[int]], canvas_length: int,
+                      labels: Optional[Sequence[str]] = None) -> None:
+        """A :class:`ConfigError` for the first prompt that does not fit next to the canvas."""
+        self.prompt_budget(canvas_length)
+        for i, ids in enumerate(prompt_ids):
+            problem = self.length_problem(labels[i] if labels is not None else f"prompt {i + 1}", len(ids),
+                                          canvas_length)
+            if problem is not None:
+                raise ConfigError(problem)
 
     @property
     def max_length(self) -> int:
@@ -454,18 +493,3 @@ class MaskedDiffusionLM(pl.LightningModule):
         else:
             sched = get_constant_schedule_with_warmup(opt, warmup)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
-def load_model(path: str, map_location: str | torch.device = "cpu") -> MaskedDiffusionLM:
-    """Load a model for inference from a Lightning checkpoint (``.ckpt``)."""
-    import os
-
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--model {path!r}: no such checkpoint file or export folder")
-    if os.path.isdir(path):
-        from .export import load_exported
-
-        return load_exported(path, map_location=map_location)
-    model = MaskedDiffusionLM.load_from_checkpoint(path, map_location=map_location)
-    model.eval()
-    return model

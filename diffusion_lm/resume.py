@@ -197,9 +197,7 @@ def read_checkpoint(path: str) -> Optional[dict]:
 
     Raises a one-line :class:`ConfigError` for a missing or unreadable (truncated) file.
     """
-    import torch
-
-    from .checkpoint_io import unreadable_checkpoint_message
+    from .checkpoint_io import read_checkpoint_file
 
     if "://" in path or path in _SPECIAL_PATHS or path == "last" or path.startswith("registry:"):
         return None
@@ -208,7 +206,4 @@ def read_checkpoint(path: str) -> Optional[dict]:
         raise ConfigError(f"--ckpt_path {path}: no such checkpoint file")
     if file.is_dir():  # FSDP / DeepSpeed sharded checkpoints are folders
         return None
-    try:
-        return torch.load(file, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as err:  # truncated zip, not a checkpoint at all, ...
-        raise ConfigError(f"--ckpt_path: {unreadable_checkpoint_message(path, err)}") from None
+    return read_checkpoint_file(path)

@@ -13,16 +13,12 @@ import yaml
 from diffusion_lm.cli import main, repeatable_lists
 from diffusion_lm.errors import ConfigError
 from diffusion_lm.sampling import PRESETS, SamplerConfig
-from diffusion_lm.sampling.commands import (
-    ChatSession,
-    build_sampler,
-    generate_command,
-    infill_texts,
-    load_for_inference,
-)
+from diffusion_lm.cli.generate import generate_command
+from diffusion_lm.loading import load_for_inference
+from diffusion_lm.pipeline import ChatSession, build_sampler, infill_texts
 from diffusion_lm.sampling.policies import BlockWindow, SampleProposer, ScheduleSelector, ThresholdSelector
 
-from .conftest import DIALOGS, REPO, tiny_cli_args, write_jsonl
+from .conftest import DIALOGS, REPO, TINY, tiny_cli_args, write_jsonl
 
 MAX_POSITIONS = 128  # TINY's max_position_embeddings
 
@@ -128,13 +124,15 @@ class RowLocalDenoiser:
 def test_batch_size_never_changes_answers_of_a_row_local_model(template):
     """The sampler's promise (docs/sampling.md): with a denoiser whose rows do not depend on their
     batch, --batch_size changes nothing, for sampling presets too (per-row random streams)."""
-    from types import SimpleNamespace
-
+    from diffusion_lm import MaskedDiffusionLM, ScratchBackbone
     from diffusion_lm.data import Turn
-    from diffusion_lm.sampling.commands import PromptRecord, answer_prompts
+    from diffusion_lm.pipeline import PromptRecord, answer_prompts
 
-    stub = SimpleNamespace(template=template, max_length=MAX_POSITIONS, hparams=SimpleNamespace(canvas_length=10),
-                           denoise=RowLocalDenoiser(len(template.tokenizer), template.mask_id, template.eos_id))
+    # answer_prompts goes through MaskedDiffusionLM.generate: a tiny model whose denoiser is the table
+    stub = MaskedDiffusionLM(ScratchBackbone(**TINY), canvas_length=10, health_check=False)
+    assert stub.template.prompt_ids([Turn("user", "Hi")]) == template.prompt_ids([Turn("user", "Hi")])
+    assert stub.max_length == MAX_POSITIONS
+    stub.denoise = RowLocalDenoiser(len(template.tokenizer), template.mask_id, template.eos_id)
     texts = ["Hello there", "Что нового?", "What is 2+2? And what is 3+3, please?", "Hi"]
     records = [PromptRecord(i, [Turn("user", t)], t) for i, t in enumerate(texts)]
     for preset in ("quality", "fast"):
@@ -250,9 +248,9 @@ def test_outputs_are_replaced_whole_and_transcripts_appended(ckpt, no_eos, tmp_p
             "--canvas_length", "4", "--output", str(out)]
     import contextlib
 
-    from diffusion_lm.sampling import commands
+    from diffusion_lm.cli import generate as commands
 
-    real_open = commands._open_output
+    real_open = commands.open_output
 
     @contextlib.contextmanager
     def disk_full_after_one_row(path):
@@ -268,7 +266,7 @@ def test_outputs_are_replaced_whole_and_transcripts_appended(ckpt, no_eos, tmp_p
 
             yield Handle()
 
-    monkeypatch.setattr(commands, "_open_output", disk_full_after_one_row)
+    monkeypatch.setattr(commands, "open_output", disk_full_after_one_row)
     with pytest.raises(OSError):
         main(args)
     monkeypatch.undo()

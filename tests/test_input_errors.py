@@ -108,7 +108,8 @@ def test_non_utf8_records_are_counted_skips(tmp_path):
 
 
 def test_chat_reports_a_non_utf8_line_and_goes_on(tmp_path, capsys, monkeypatch):
-    from diffusion_lm.sampling import commands
+    from diffusion_lm.cli import chat as commands
+    from diffusion_lm.pipeline import ChatReply
 
     class Session:
         def __init__(self, *args, **kwargs):
@@ -116,9 +117,9 @@ def test_chat_reports_a_non_utf8_line_and_goes_on(tmp_path, capsys, monkeypatch)
 
         def ask(self, text):
             self.seen.append(text)
-            return commands.ChatReply(f"echo {text}", [], 0, {})
+            return ChatReply(f"echo {text}", [], 0, {})
 
-    monkeypatch.setattr(commands, "_load_with_sampler", lambda *args, **kwargs: (None, None))
+    monkeypatch.setattr(commands, "load_with_sampler", lambda *args, **kwargs: (None, None))
     monkeypatch.setattr(commands, "ChatSession", Session)
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"Hello\nbad \xff line\nBye\n"), encoding="utf-8"))
     main(["chat", "--model", "unused"])

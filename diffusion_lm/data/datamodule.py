@@ -172,6 +172,10 @@ class DialogDataModule(pl.LightningDataModule):
         self._stream_skips_seen = False
 
     # ----------------------------------------------------------------- template
+    def connect(self, template: ChatTemplate, max_length: Optional[int] = None) -> None:
+        """Use the model's chat template (and check ``max_length`` against the model's ``max_length``)."""
+        self.template = template
+
     def resolve_template(self) -> ChatTemplate:
         """The chat template: the LightningModule's when attached to a Trainer, else from ``tokenizer``."""
         if self.template is not None:
