@@ -19,11 +19,11 @@ from .metrics import LanguageNelbo
 from .objective import masked_diffusion_nelbo
 from .resume import apply_optimizer_hparams, changed_hparams, check_resume, describe_resume
 from .schedules import LogLinearSchedule, NoiseSchedule, indexed_times, stratified_times
-from .sampling.loop import GenerationResult
+from .sampling.loop import GenerationResult, StepHook
 from .sampling.loop import generate as sample
-from .seeding import counter_uniform_at, stable_seed
+from .seeding import Seed, counter_uniform_at, stable_seed
 
-__all__ = ["MaskedDiffusionLM"]
+__all__ = ["MaskedDiffusionLM", "TextGeneration"]
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,105 @@ def _rows(batch: dict, rows: slice) -> dict:
     return {k: batch[k][rows] for k in _ROW_TENSORS}
 
 
-class MaskedDiffusionLM(pl.LightningModule):
+class TextGeneration:
+    """The text -> answer path of a model: prompt ids from the chat template, the prompt + canvas
+    length check, the sampler, decoding. :class:`MaskedDiffusionLM` has it; a stand-in model (a test
+    double of the server or the pipeline) gets it by providing ``template``, ``denoise``,
+    ``max_length`` and ``hparams.canvas_length``.
+    """
+
+    template: ChatTemplate
+    max_length: int
+    hparams: Any
+
+    def denoise(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prompt_ids(self, prompt: Union[str, Conversation, Sequence[Turn]]) -> list[int]:
+        """Prompt ids for a user message, a conversation or its turns (the training template)."""
+        if isinstance(prompt, str):
+            turns: Sequence[Turn] = [Turn("user", prompt)]
+        elif isinstance(prompt, Conversation):
+            turns = prompt.turns
+        else:
+            turns = prompt
+        return self.template.prompt_ids(turns)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[Union[str, Conversation, Sequence[Turn]]],
+        sampler: Any = None,
+        canvas_length: Optional[int] = None,
+        seed: Seed = 0,
+        return_trajectory: bool = False,
+        max_batch_size: Optional[int] = None,
+        labels: Optional[Sequence[str]] = None,
+        on_step: Optional[StepHook] = None,
+    ) -> GenerationResult:
+        """Answer each prompt (a user message, a :class:`Conversation` or its turns): the one text ->
+        answer path (the pipeline functions, the chat session and the validation callback call it).
+
+        The prompts are built by the training chat template, checked against the model's length
+        (:meth:`check_lengths`; ``labels`` name them in the error, default ``prompt 1``, ...), answered by
+        :func:`~diffusion_lm.sampling.generate` in eval mode (``sampler``: a :class:`SamplerConfig`, a
+        preset name or a mapping; ``max_batch_size`` rows per forward; ``seed`` one base seed or one per
+        prompt; ``on_step`` the sampler's step hook) and decoded: the result is the sampler's, with the
+        answers' ``texts`` attached.
+        """
+        canvas = canvas_length or int(self.hparams.canvas_length)
+        prompt_ids = [self.prompt_ids(p) for p in prompts]
+        self.check_lengths(prompt_ids, canvas, labels)
+        module = self if isinstance(self, torch.nn.Module) else None
+        was_training = module is not None and module.training
+        if module is not None:
+            module.eval()
+        try:
+            tpl = self.template
+            result = sample(
+                self.denoise, prompt_ids, mask_id=tpl.mask_id, eos_id=tpl.eos_id, pad_id=tpl.pad_id,
+                canvas_length=canvas, sampler=sampler, seed=seed, return_trajectory=return_trajectory,
+                max_batch_size=max_batch_size, max_length=self.max_length, on_step=on_step,
+            )
+        finally:
+            if module is not None:
+                module.train(was_training)
+        result.texts = [self.template.decode_answer(ids) for ids in result.ids]
+        return result
+
+    def prompt_budget(self, canvas_length: int) -> int:
+        """Prompt tokens that fit next to ``canvas_length`` answer slots (a :class:`ConfigError` when the
+        canvas alone fills the model)."""
+        limit = self.max_length
+        if canvas_length >= limit:
+            raise ConfigError(f"--canvas_length {canvas_length} leaves no room for a prompt: the model takes {limit} "
+                              f"positions in all; lower --canvas_length")
+        return limit - canvas_length
+
+    def length_problem(self, label: str, prompt_tokens: int, canvas_length: int) -> Optional[str]:
+        """Why a prompt of ``prompt_tokens`` does not fit next to ``canvas_length`` answer slots, naming it
+        ``label`` and the fix; None when it fits."""
+        limit, total = self.max_length, prompt_tokens + canvas_length
+        if total <= limit:
+            return None
+        fix = f"shorten the prompt to at most {limit - canvas_length} tokens"
+        if prompt_tokens < limit:
+            fix += f" or lower --canvas_length to at most {limit - prompt_tokens}"
+        return (f"{label} is {prompt_tokens} tokens; with --canvas_length {canvas_length} that is {total} > the "
+                f"model's limit of {limit} positions: {fix}")
+
+    def check_lengths(self, prompt_ids: Sequence[Sequence[int]], canvas_length: int,
+                      labels: Optional[Sequence[str]] = None) -> None:
+        """A :class:`ConfigError` for the first prompt that does not fit next to the canvas."""
+        self.prompt_budget(canvas_length)
+        for i, ids in enumerate(prompt_ids):
+            problem = self.length_problem(labels[i] if labels is not None else f"prompt {i + 1}", len(ids),
+                                          canvas_length)
+            if problem is not None:
+                raise ConfigError(problem)
+
+
+class MaskedDiffusionLM(TextGeneration, pl.LightningModule):
     """Masked-diffusion fine-tuning of a BERT-like encoder (MDLM objective, SUBS parameterisation).
 
     Only assistant answers (``loss_mask``) are noised; the prompt stays intact. Each optimizer step
@@ -373,85 +471,6 @@ class MaskedDiffusionLM(pl.LightningModule):
         self.test_metrics.reset()
         for key, value in values.items():
             self.log(key, value)
-
-    # ------------------------------------------------------------ generation
-    def prompt_ids(self, prompt: Union[str, Conversation, Sequence[Turn]]) -> list[int]:
-        """Prompt ids for a user message, a conversation or its turns (the training template)."""
-        if isinstance(prompt, str):
-            turns: Sequence[Turn] = [Turn("user", prompt)]
-        elif isinstance(prompt, Conversation):
-            turns = prompt.turns
-        else:
-            turns = prompt
-        return self.template.prompt_ids(turns)
-
-    @torch.no_grad()
-    def generate(
-        self,
-        prompts: Sequence[Union[str, Conversation, Sequence[Turn]]],
-        sampler: Any = None,
-        canvas_length: Optional[int] = None,
-        seed: Optional[int] = 0,
-        return_trajectory: bool = False,
-        max_batch_size: Optional[int] = None,
-        labels: Optional[Sequence[str]] = None,
-    ) -> GenerationResult:
-        """Answer each prompt (a user message, a :class:`Conversation` or its turns): the one text ->
-        answer path (the pipeline functions, the chat session and the validation callback call it).
-
-        The prompts are built by the training chat template, checked against the model's length
-        (:meth:`check_lengths`; ``labels`` name them in the error, default ``prompt 1``, ...), answered by
-        :func:`~diffusion_lm.sampling.generate` in eval mode (``sampler``: a :class:`SamplerConfig`, a
-        preset name or a mapping; ``max_batch_size`` rows per forward) and decoded: the result is the
-        sampler's, with the answers' ``texts`` attached.
-        """
-        canvas = canvas_length or int(self.hparams.canvas_length)
-        prompt_ids = [self.prompt_ids(p) for p in prompts]
-        self.check_lengths(prompt_ids, canvas, labels)
-        was_training = self.training
-        self.eval()
-        try:
-            tpl = self.template
-            result = sample(
-                self.denoise, prompt_ids, mask_id=tpl.mask_id, eos_id=tpl.eos_id, pad_id=tpl.pad_id,
-                canvas_length=canvas, sampler=sampler, seed=seed, return_trajectory=return_trajectory,
-                max_batch_size=max_batch_size, max_length=self.max_length,
-            )
-        finally:
-            self.train(was_training)
-        result.texts = [self.template.decode_answer(ids) for ids in result.ids]
-        return result
-
-    def prompt_budget(self, canvas_length: int) -> int:
-        """Prompt tokens that fit next to ``canvas_length`` answer slots (a :class:`ConfigError` when the
-        canvas alone fills the model)."""
-        limit = self.max_length
-        if canvas_length >= limit:
-            raise ConfigError(f"--canvas_length {canvas_length} leaves no room for a prompt: the model takes {limit} "
-                              f"positions in all; lower --canvas_length")
-        return limit - canvas_length
-
-    def length_problem(self, label: str, prompt_tokens: int, canvas_length: int) -> Optional[str]:
-        """Why a prompt of ``prompt_tokens`` does not fit next to ``canvas_length`` answer slots, naming it
-        ``label`` and the fix; None when it fits."""
-        limit, total = self.max_length, prompt_tokens + canvas_length
-        if total <= limit:
-            return None
-        fix = f"shorten the prompt to at most {limit - canvas_length} tokens"
-        if prompt_tokens < limit:
-            fix += f" or lower --canvas_length to at most {limit - prompt_tokens}"
-        return (f"{label} is {prompt_tokens} tokens; with --canvas_length {canvas_length} that is {total} > the "
-                f"model's limit of {limit} positions: {fix}")
-
-    def check_lengths(self, prompt_ids: Sequence[Sequence[int]], canvas_length: int,
-                      labels: Optional[Sequence[str]] = None) -> None:
-        """A :class:`ConfigError` for the first prompt that does not fit next to the canvas."""
-        self.prompt_budget(canvas_length)
-        for i, ids in enumerate(prompt_ids):
-            problem = self.length_problem(labels[i] if labels is not None else f"prompt {i + 1}", len(ids),
-                                          canvas_length)
-            if problem is not None:
-                raise ConfigError(problem)
 
     @property
     def max_length(self) -> int:

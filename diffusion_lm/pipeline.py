@@ -24,20 +24,25 @@ from .chat import ROLES, Turn
 from .errors import ConfigError
 from .loading import stored_sampler
 from .sampling.config import SamplerConfig, SamplerSpec, check_options
-from .sampling.loop import infill
+from .sampling.loop import StepHook, infill
 from .sampling.spans import parse_spans, spans_to_ids
+from .seeding import Seed
 
 __all__ = [
     "ChatReply",
     "ChatSession",
     "InfillOutput",
+    "InfillRow",
     "PromptRecord",
     "answer_prompts",
     "build_sampler",
     "describe_record",
+    "infill_fills",
+    "infill_rows",
     "infill_texts",
     "piece_decoder",
     "row_stats",
+    "splice_fills",
     "turns_from_messages",
 ]
 
@@ -130,19 +135,21 @@ def answer_prompts(
     *,
     sampler: SamplerConfig,
     canvas_length: Optional[int] = None,
-    seed: Optional[int] = 0,
+    seed: Seed = 0,
     batch_size: int = 8,
     return_trajectory: bool = False,
+    on_step: Optional[StepHook] = None,
 ):
     """Answer ``records`` with ``model``; returns ``(rows, result)``: one output row per record
     (``{id, prompt, answer, language?, stats}``) and the sampler's :class:`GenerationResult`.
 
     Rows are decoded in batches of ``batch_size``; per-row seeds make results independent of it up to
-    the float rounding of the model's batched kernels (see ``docs/sampling.md``)."""
+    the float rounding of the model's batched kernels (see ``docs/sampling.md``). ``seed`` may be one
+    seed per record and ``on_step`` a step hook, as in :func:`~diffusion_lm.sampling.generate`."""
     canvas = canvas_length if canvas_length is not None else int(model.hparams.canvas_length)
     check_options(canvas_length=canvas, batch_size=batch_size)
     result = model.generate([r.turns for r in records], sampler=sampler, canvas_length=canvas, seed=seed,
-                            return_trajectory=return_trajectory, max_batch_size=batch_size,
+                            return_trajectory=return_trajectory, max_batch_size=batch_size, on_step=on_step,
                             labels=[describe_record(r, i) for i, r in enumerate(records)])
     rows = []
     for record, text, stats in zip(records, result.texts, result.row_stats):
@@ -184,7 +191,9 @@ class InfillOutput:
         return {"id": self.id, "text": self.text, "filled": self.filled, "fills": self.fills, "stats": self.stats}
 
 
-def _splice(pieces: list[tuple[str, Any]], fills: list[str]) -> str:
+def splice_fills(pieces: list[tuple[str, Any]], fills: Sequence[str]) -> str:
+    """The text of parsed ``pieces`` with its holes replaced by ``fills``, in order; the literal text
+    is kept verbatim (see :class:`InfillOutput`)."""
     out: list[str] = []
     k = 0
     for i, (kind, value) in enumerate(pieces):
@@ -205,8 +214,19 @@ def _splice(pieces: list[tuple[str, Any]], fills: list[str]) -> str:
     return "".join(out)
 
 
-def _infill_row(model, label: str, text: str, head: list[int], default_slots: int, around: str):
-    """``(row ids, parsed pieces, hole positions)`` of one text with holes."""
+@dataclass
+class InfillRow:
+    """One text laid out for :func:`~diffusion_lm.sampling.infill`: the ``row`` of ids (``[MASK]`` in
+    every hole slot), the parsed ``pieces`` of the text (``("text", str)`` / ``("mask", n)``) and, per
+    hole, the positions of its slots in the row."""
+
+    row: list[int]
+    pieces: list
+    holes: list[list[int]]
+
+
+def _infill_row(model, label: str, text: str, head: list[int], default_slots: int, around: str) -> InfillRow:
+    """One text with holes laid out after ``head`` (BOS, or a chat prompt), ending with EOS."""
     tpl = model.template
     if not isinstance(text, str) or not text.strip():
         raise ConfigError(f"{label} is empty")
@@ -229,7 +249,32 @@ def _infill_row(model, label: str, text: str, head: list[int], default_slots: in
     if len(row) > model.max_length:
         raise ConfigError(f"{label} is {len(row)} tokens with its holes (and the {around}), more than the model's "
                           f"limit of {model.max_length} positions; shorten the text or use fewer mask slots")
-    return row, pieces, holes
+    return InfillRow(row, pieces, holes)
+
+
+def infill_rows(model, texts: Sequence[str], *, ids: Optional[Sequence[Any]] = None, prompt: Optional[str] = None,
+                default_slots: int = 8) -> list[InfillRow]:
+    """Parse and lay out the ``[[MASK]]`` / ``[[MASK:n]]`` texts of :func:`infill_texts` (see there);
+    a text with no hole, a syntax error or a row longer than the model is a :class:`ConfigError`."""
+    check_options(default_slots=default_slots)
+    if not texts:
+        raise ConfigError("no text to fill: give --text or --input")
+    tpl = model.template
+    ids = list(ids) if ids is not None else list(range(len(texts)))
+    if prompt is not None and not prompt.strip():
+        raise ConfigError("--prompt is empty")
+    head = tpl.prompt_ids([Turn("user", prompt)]) if prompt else ([tpl.bos_id] if tpl.bos_id is not None else [])
+    return [_infill_row(model, f"text {k + 1}" + (f" (id {rid!r})" if rid != k else ""), text, head,
+                        default_slots, "prompt" if prompt else "BOS/EOS")
+            for k, (rid, text) in enumerate(zip(ids, texts))]
+
+
+def infill_fills(model, row: InfillRow, filled: Sequence[int]) -> list[str]:
+    """The decoded text of each hole of ``row`` in ``filled`` (the row after sampling; special ids skipped)."""
+    tpl = model.template
+    special = {tpl.mask_id, tpl.pad_id, tpl.eos_id, tpl.bos_id}
+    return [model.tokenizer.decode([filled[p] for p in hole if filled[p] not in special], skip_special_tokens=True)
+            for hole in row.holes]
 
 
 def infill_texts(
@@ -239,38 +284,31 @@ def infill_texts(
     sampler: SamplerConfig,
     ids: Optional[Sequence[Any]] = None,
     prompt: Optional[str] = None,
-    seed: Optional[int] = 0,
+    seed: Seed = 0,
     batch_size: int = 8,
     default_slots: int = 8,
     return_trajectory: bool = False,
+    on_step: Optional[StepHook] = None,
 ):
     """Fill the ``[[MASK]]`` / ``[[MASK:n]]`` holes of each text; returns ``(outputs, result)``.
 
     Without ``prompt`` a text is laid out as the encoder saw text in pretraining, ``[BOS] text [EOS]``;
     with ``prompt`` it is the assistant's answer to that user message (the chat template:
-    ``prompt ids + text + [EOS]``), for re-generating part of an answer.
+    ``prompt ids + text + [EOS]``), for re-generating part of an answer. ``seed`` may be one seed per
+    text and ``on_step`` a step hook, as in :func:`~diffusion_lm.sampling.infill`.
     """
     check_options(batch_size=batch_size, default_slots=default_slots)
-    if not texts:
-        raise ConfigError("no text to fill: give --text or --input")
     tpl = model.template
     ids = list(ids) if ids is not None else list(range(len(texts)))
-    if prompt is not None and not prompt.strip():
-        raise ConfigError("--prompt is empty")
-    head = tpl.prompt_ids([Turn("user", prompt)]) if prompt else ([tpl.bos_id] if tpl.bos_id is not None else [])
-    laid_out = [_infill_row(model, f"text {k + 1}" + (f" (id {rid!r})" if rid != k else ""), text, head,
-                            default_slots, "prompt" if prompt else "BOS/EOS")
-                for k, (rid, text) in enumerate(zip(ids, texts))]
-    result = infill(model.denoise, [row for row, _, _ in laid_out], mask_id=tpl.mask_id, eos_id=tpl.eos_id,
+    laid_out = infill_rows(model, texts, ids=ids, prompt=prompt, default_slots=default_slots)
+    result = infill(model.denoise, [r.row for r in laid_out], mask_id=tpl.mask_id, eos_id=tpl.eos_id,
                     pad_id=tpl.pad_id, sampler=sampler, seed=seed, return_trajectory=return_trajectory,
-                    max_batch_size=batch_size, max_length=model.max_length)
-    special = {tpl.mask_id, tpl.pad_id, tpl.eos_id, tpl.bos_id}
+                    max_batch_size=batch_size, max_length=model.max_length, on_step=on_step)
     outputs = []
-    for rid, text, (row, pieces, holes), out, stats in zip(ids, texts, laid_out, result.ids, result.row_stats):
-        fills = [model.tokenizer.decode([out[p] for p in hole if out[p] not in special], skip_special_tokens=True)
-                 for hole in holes]
-        outputs.append(InfillOutput(rid, text, _splice(pieces, fills), [f.strip() for f in fills], row, list(out),
-                                    holes, row_stats(stats)))
+    for rid, text, r, out, stats in zip(ids, texts, laid_out, result.ids, result.row_stats):
+        fills = infill_fills(model, r, out)
+        outputs.append(InfillOutput(rid, text, splice_fills(r.pieces, fills), [f.strip() for f in fills], r.row,
+                                    list(out), r.holes, row_stats(stats)))
     return outputs, result
 
 

@@ -11,14 +11,21 @@ the process, rank, batch or packing it happens in is keyed here:
 
 from __future__ import annotations
 
+import numbers
+import secrets
 import zlib
-from typing import Any
+from typing import Any, Sequence, Union
 
 import torch
 
-__all__ = ["counter_uniform", "counter_uniform_at", "row_seed", "splitmix64", "stable_seed"]
+from .errors import ConfigError
+
+__all__ = ["Seed", "counter_uniform", "counter_uniform_at", "row_seed", "row_seeds", "splitmix64", "stable_seed"]
 
 MASK64 = (1 << 64) - 1
+
+# A sampler's seed: one base seed for all rows, one seed per row, or None (a fresh random base seed).
+Seed = Union[None, int, Sequence[int]]
 
 
 def stable_seed(*parts: Any) -> int:
@@ -38,6 +45,20 @@ def row_seed(seed: int, row: int) -> int:
     """The 63-bit generator seed of row ``row`` under base ``seed`` (well mixed: nearby seeds and rows
     give unrelated streams)."""
     return splitmix64(splitmix64(seed & MASK64) ^ row) >> 1
+
+
+def row_seeds(seed: Seed, n: int) -> tuple[Union[int, list[int]], list[int]]:
+    """``(seed as reported, generator seed of each of n rows)``: a base seed keys rows by index (None
+    draws one); a list keys each row by its own seed as row 0 of a one-row call."""
+    if seed is None or isinstance(seed, numbers.Integral) or (isinstance(seed, torch.Tensor) and seed.dim() == 0):
+        base = secrets.randbits(63) if seed is None else int(seed)
+        return base, [row_seed(base, i) for i in range(n)]
+    if isinstance(seed, (str, bytes)) or not isinstance(seed, (Sequence, torch.Tensor)):
+        raise ConfigError(f"seed must be an int, a list of ints (one per row) or None, got {type(seed).__name__}")
+    seeds = [int(s) for s in seed]
+    if len(seeds) != n:
+        raise ConfigError(f"seed is a list of {len(seeds)} seeds for {n} rows; give one seed per row")
+    return seeds, [row_seed(s, 0) for s in seeds]
 
 
 def _signed(c: int) -> int:

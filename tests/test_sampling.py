@@ -222,6 +222,64 @@ def test_seed_reproducibility():
     assert fresh.ids == again.ids
 
 
+def test_per_row_seeds_make_each_answer_independent_of_its_batch():
+    prompts = [prompt(7, 8), prompt(9, 10, 11), prompt(7, 8), prompt(12)]
+    seeds = [11, 5, 11, 2**63 + 3]
+    sampler = SamplerConfig(proposer=SampleProposer(temperature=1.0, top_k=12), window=BlockWindow(4),
+                            selector=ThresholdSelector(0.4), remasker=RemdmRemasker(probability=0.5, budget=2,
+                                                                                     max_confidence=1.0))
+    batched = generate(TableToy(), prompts, canvas_length=10, sampler=sampler, seed=seeds, **SPECIAL)
+    assert batched.seed == seeds
+    assert batched.ids[0] == batched.ids[2]  # same prompt, same seed: same answer wherever it sits
+    for p, s, ids, stats in zip(prompts, seeds, batched.ids, batched.row_stats):
+        alone = generate(TableToy(), [p], canvas_length=10, sampler=sampler, seed=s, **SPECIAL)
+        assert alone.ids[0] == ids and alone.row_stats[0].nfe == stats.nfe
+    chunked = generate(TableToy(), prompts, canvas_length=10, sampler=sampler, seed=seeds, max_batch_size=3, **SPECIAL)
+    assert chunked.ids == batched.ids
+    rows = [[BOS, 7, MASK, MASK, 9], [BOS, MASK, MASK, MASK, 10]]
+    filled = infill(TableToy(), rows, sampler=sampler, seed=[4, 8], **SPECIAL)
+    assert [infill(TableToy(), [r], sampler=sampler, seed=s, **SPECIAL).ids[0] for r, s in zip(rows, [4, 8])] == filled.ids
+    with pytest.raises(ConfigError, match="2 seeds for 4 rows"):
+        generate(TableToy(), prompts, seed=[1, 2], **SPECIAL)
+    with pytest.raises(ConfigError, match="seed must be an int"):
+        generate(TableToy(), prompts, seed="7", **SPECIAL)
+
+
+def test_on_step_reports_every_forward_with_the_current_rows():
+    lengths = [1, 3, 6]
+    prompts = [prompt(FIRST_CONTENT + m, 20) for m in lengths]
+    sampler = SamplerConfig(proposer="greedy", window="full", selector=ThresholdSelector(1.5), processors=["eos"])
+    reports: list[tuple[list[int], list[list[int]]]] = []
+    toy = ScriptedToy()
+    result = generate(toy, prompts, canvas_length=10, sampler=sampler, max_batch_size=2,
+                      on_step=lambda rows, ids: reports.append((list(rows), [list(r) for r in ids])), **SPECIAL)
+    assert result.ids == generate(ScriptedToy(), prompts, canvas_length=10, sampler=sampler, **SPECIAL).ids
+    # One report per denoiser call, naming the rows (indices into prompts) that took part in it.
+    assert [len(rows) for rows, _ in reports] == [ids.shape[0] for ids, _, _ in toy.calls]
+    assert [rows for rows, _ in reports] == [[0, 1]] * 2 + [[1]] * 2 + [[2]] * 7  # chunks of 2 rows
+    for i, p in enumerate(prompts):
+        seen = [ids[rows.index(i)] for rows, ids in reports if i in rows]
+        assert len(seen) == result.row_stats[i].nfe == lengths[i] + 1
+        masks = [row.count(MASK) for row in seen]
+        assert masks == sorted(masks, reverse=True) and masks[-1] == 0 and all(m > 0 for m in masks[:-1])
+        assert all(row[: len(p)] == p and len(row) == len(p) + 10 for row in seen)
+        assert seen[-1] == result.sequences[i]  # the last report is the finished row
+    # Infill reports holes being filled; a row without holes is never reported.
+    rows = [[BOS, 7, MASK, MASK, 9], [BOS, 7, 8], [BOS, MASK, 10]]
+    infill_reports: list[list[int]] = []
+    infill(TableToy(), rows, sampler="greedy", on_step=lambda r, ids: infill_reports.append(list(r)), **SPECIAL)
+    assert infill_reports and all(1 not in r for r in infill_reports)
+
+    class Stop(Exception):
+        pass
+
+    def abort(rows, ids):
+        raise Stop()
+
+    with pytest.raises(Stop):  # a hook may abort the call (e.g. every requester has gone)
+        generate(ScriptedToy(), prompts, canvas_length=10, sampler=sampler, on_step=abort, **SPECIAL)
+
+
 def test_finished_rows_are_not_passed_to_the_denoiser_again():
     lengths = [1, 3, 6]
     prompts = [prompt(FIRST_CONTENT + m, 20) for m in lengths]

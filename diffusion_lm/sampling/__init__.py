@@ -10,7 +10,7 @@ from .config import PRESETS, SamplerConfig
 from .context import StepContext
 from ..denoiser import Denoiser
 from ..seeding import row_seed
-from .loop import GenerationResult, GenerationStats, RowStats, generate, infill
+from .loop import GenerationResult, GenerationStats, RowStats, StepHook, generate, infill
 from .metrics import longest_run, repeated_ngram_rate, repetition_summary
 from .policies import (
     PROPOSERS,
@@ -46,7 +46,7 @@ from .trajectory import Trajectory, TrajectoryStep, render_trajectory_html, rend
 
 __all__ = [
     "generate", "infill", "SamplerConfig", "PRESETS", "GenerationResult", "GenerationStats", "RowStats",
-    "Denoiser", "StepContext", "row_seed",
+    "Denoiser", "StepHook", "StepContext", "row_seed",
     "Policy", "Proposer", "GreedyProposer", "SampleProposer", "truncated_log_probs",
     "Scorer", "ProbabilityScorer", "MarginScorer", "EntropyScorer", "RandomScorer",
     "Window", "FullWindow", "BlockWindow",

@@ -9,35 +9,40 @@ the selector commits the best ones, the remasker may re-open a few, and the stop
 (EOS committed: the rest of its canvas becomes pad; or no masked slot left). Finished rows are
 dropped from the batch passed to the denoiser (dLLM PR #68 review: done rows kept being computed).
 
-Reproducibility: every row has its own ``torch.Generator`` seeded from ``(seed, row index)`` and all
-per-row decisions read only that row. Rows are right-padded after their canvas with
-``attention_mask = 0``; prompts are never left-padded (dLLM leaked left-padded prompts into
-outputs, PR #86/#87). Batch-size invariance, precisely: when the denoiser's logits for a row are
-bitwise independent of the rest of the batch (its other rows, size and padded width), batched
-generation equals one-by-one generation (``max_batch_size=1``) exactly, for the same seed and row
-order. A real encoder's kernels round differently for different batch shapes, thread counts and
-CPUs, so with it batched and single answers agree wherever the model is sure and may differ at
-near-tied logits (an untrained model); see ``docs/sampling.md``.
+Reproducibility: every row has its own ``torch.Generator`` seeded from ``(seed, row index)`` (or from
+its own seed, when ``seed`` is a list) and all per-row decisions read only that row. Rows are
+right-padded after their canvas with ``attention_mask = 0``; prompts are never left-padded (dLLM
+leaked left-padded prompts into outputs, PR #86/#87). Batch-size invariance, precisely: when the
+denoiser's logits for a row are bitwise independent of the rest of the batch (its other rows, size
+and padded width), batched generation equals one-by-one generation (``max_batch_size=1``) exactly,
+for the same seed and row order. A real encoder's kernels round differently for different batch
+shapes, thread counts and CPUs, so with it batched and single answers agree wherever the model is
+sure and may differ at near-tied logits (an untrained model); see ``docs/sampling.md``.
+
+Streaming: ``on_step(rows, ids)`` (off by default) reports the rows of each forward and their current
+ids, for callers that show the answer unmasking live.
 """
 
 from __future__ import annotations
 
-import secrets
 import time
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
 from ..denoiser import Denoiser
 from ..errors import ConfigError
-from ..seeding import row_seed
+from ..seeding import Seed, row_seed, row_seeds
 from .config import SamplerConfig
 from .policies import NoRemasker
 from .step import Canvas, GenerationStats, RowStats, advance_row, decide, forward, rows_of
 from .trajectory import Trajectory
 
-__all__ = ["Denoiser", "RowStats", "GenerationStats", "GenerationResult", "generate", "infill", "row_seed"]
+__all__ = ["Denoiser", "StepHook", "RowStats", "GenerationStats", "GenerationResult", "generate", "infill", "row_seed"]
+
+# on_step(rows, ids): after each denoiser forward, the rows that took part and their current ids.
+StepHook = Callable[[list[int], list[list[int]]], None]
 
 
 @dataclass
@@ -49,7 +54,8 @@ class GenerationResult:
             stripped) or the filled sequence (``infill``: every non-hole token unchanged).
         sequences: per row, the final full row (prompt + canvas, pad filler included).
         row_stats: per-row cost; ``stats``: whole-call cost.
-        seed: the base seed used (drawn at random when ``seed=None``; pass it back to reproduce).
+        seed: the base seed used (drawn at random when ``seed=None``; pass it back to reproduce), or
+            the list of per-row seeds when one was given.
         trajectories: per row, the decoding history (``return_trajectory=True``).
         texts: decoded answers, filled in by callers that own a tokenizer (the model's ``generate``).
     """
@@ -58,7 +64,7 @@ class GenerationResult:
     sequences: list[list[int]]
     row_stats: list[RowStats]
     stats: GenerationStats
-    seed: int
+    seed: Union[int, list[int]]
     trajectories: Optional[list[Trajectory]] = None
     texts: Optional[list[str]] = None
 
@@ -104,11 +110,12 @@ def generate(
     pad_id: int,
     canvas_length: int = 64,
     sampler: Union[None, str, SamplerConfig, dict] = None,
-    seed: Optional[int] = None,
+    seed: Seed = None,
     return_trajectory: bool = False,
     max_batch_size: Optional[int] = None,
     max_length: Optional[int] = None,
     device: Union[None, str, torch.device] = None,
+    on_step: Optional[StepHook] = None,
 ) -> GenerationResult:
     """Answer each prompt by unmasking ``canvas_length`` [MASK] slots appended after it.
 
@@ -120,11 +127,20 @@ def generate(
         sampler: a :class:`SamplerConfig`, a preset name (``quality``, ``fast``, ``greedy``), a
             mapping (``SamplerConfig.from_dict``), or None for the default (= ``quality``).
         seed: base seed; row ``i`` draws from ``row_seed(seed, i)``. None draws a fresh one (see ``result.seed``).
+            A list gives each row its own seed: row ``i`` draws from ``row_seed(seed[i], 0)``, exactly
+            what a one-row call with ``seed=seed[i]`` draws, so a row's answer does not depend on the
+            rows it is batched with (e.g. requests grouped by a server).
         return_trajectory: record every step (for :func:`render_trajectory_html`).
         max_batch_size: rows per denoiser call (None = all at once); results do not depend on it when the
             denoiser is batch-invariant (see the module docstring for a real encoder).
         max_length: the model's longest sequence; a longer prompt + canvas is an error.
         device: where to build the inputs; default: the denoiser's module's device, else CPU.
+        on_step: called after every denoiser forward as ``on_step(rows, ids)``: the indices (into
+            ``prompts``) of the rows that took part in it, and each one's current full row as a list
+            (prompt + canvas: committed ids in place, ``mask_id`` where still masked, pad after a
+            committed EOS). A row's k-th report follows its k-th forward; its last report has no
+            ``mask_id`` left (the row is done). An exception raised by the hook aborts the call.
+            None (the default) costs nothing.
     """
     prompt_rows = _as_rows(prompts, "prompts")
     if canvas_length <= 0:
@@ -147,6 +163,7 @@ def generate(
         denoiser, rows, editable, editable, [len(p) for p in prompt_rows], config,
         mask_id=mask_id, eos_id=eos_id, pad_id=pad_id, stop_on_eos=config.stop_on_eos, eos_policy=True,
         seed=seed, return_trajectory=return_trajectory, max_batch_size=max_batch_size, device=device,
+        on_step=on_step,
     )
     for i, (seq, start) in enumerate(zip(result.sequences, (len(p) for p in prompt_rows))):
         canvas = seq[start:]
@@ -165,19 +182,21 @@ def infill(
     eos_id: int,
     pad_id: int,
     sampler: Union[None, str, SamplerConfig, dict] = None,
-    seed: Optional[int] = None,
+    seed: Seed = None,
     return_trajectory: bool = False,
     max_batch_size: Optional[int] = None,
     max_length: Optional[int] = None,
     device: Union[None, str, torch.device] = None,
     eos_policy: bool = False,
+    on_step: Optional[StepHook] = None,
 ) -> GenerationResult:
     """Fill the ``mask_id`` slots of each row, leaving every other token untouched.
 
     No canvas is appended and no row is cut: ``result.ids[i]`` is row ``i`` with its holes filled
     (it may contain EOS/pad inside a hole if the model chose them; decode with special tokens
     skipped). The EOS policy (which assumes an answer growing after a prompt) is off unless
-    ``eos_policy=True``; a committed EOS never stops an infill row. Other arguments as in :func:`generate`.
+    ``eos_policy=True``; a committed EOS never stops an infill row. Other arguments (per-row ``seed``
+    lists and the ``on_step`` hook included; a row without holes is never reported) as in :func:`generate`.
     Build rows from text with :func:`diffusion_lm.sampling.spans_to_ids`.
     """
     rows = _as_rows(ids, "ids")
@@ -193,6 +212,7 @@ def infill(
         denoiser, rows, editable, region, [0] * len(rows), config,
         mask_id=mask_id, eos_id=eos_id, pad_id=pad_id, stop_on_eos=False, eos_policy=eos_policy,
         seed=seed, return_trajectory=return_trajectory, max_batch_size=max_batch_size, device=device,
+        on_step=on_step,
     )
     result.ids = [list(seq) for seq in result.sequences]
     return result
@@ -212,13 +232,13 @@ def _decode(
     pad_id: int,
     stop_on_eos: bool,
     eos_policy: bool,
-    seed: Optional[int],
+    seed: Seed,
     return_trajectory: bool,
     max_batch_size: Optional[int],
     device: Union[None, str, torch.device],
+    on_step: Optional[StepHook],
 ) -> GenerationResult:
-    seed = secrets.randbits(63) if seed is None else int(seed)
-    row_seeds = [row_seed(seed, i) for i in range(len(rows))]
+    seed, seeds = row_seeds(seed, len(rows))
     dev = _infer_device(denoiser, device)
     processors = config.logits_processors(eos_policy=eos_policy)
     n = len(rows)
@@ -232,7 +252,8 @@ def _decode(
         chunk = list(range(lo, min(n, lo + size)))
         _decode_chunk(
             denoiser, chunk, rows, editable, region, config, processors, sequences, row_stats, trajectories, total,
-            mask_id=mask_id, eos_id=eos_id, pad_id=pad_id, stop_on_eos=stop_on_eos, row_seeds=row_seeds, device=dev,
+            mask_id=mask_id, eos_id=eos_id, pad_id=pad_id, stop_on_eos=stop_on_eos, row_seeds=seeds, device=dev,
+            on_step=on_step,
         )
     total.seconds = time.perf_counter() - t_call
     total.tokens = sum(s.tokens for s in row_stats)
@@ -261,6 +282,7 @@ def _decode_chunk(
     stop_on_eos: bool,
     row_seeds: list[int],
     device: torch.device,
+    on_step: Optional[StepHook],
 ) -> None:
     """Decode the rows ``chunk`` together until every row is done (see :mod:`~diffusion_lm.sampling.step`)."""
     canvas = Canvas.build(chunk, rows, editable_rows, region_rows, row_stats, config.remasker, mask_id=mask_id,
@@ -282,6 +304,8 @@ def _decode_chunk(
             if advance_row(canvas, step, row, decisions, config, processors, stop_on_eos=stop_on_eos,
                            mask_id=mask_id, eos_id=eos_id, pad_id=pad_id, trajectory=trajectory):
                 still_active.append(row.r)
+        if on_step is not None:
+            on_step([chunk[r] for r in active], [canvas.row_ids(r) for r in active])
         active = still_active
     for r, g in enumerate(chunk):
         sequences[g] = canvas.row_ids(r)
