@@ -240,8 +240,8 @@ class MaskedDiffusionLM(TextGeneration, pl.LightningModule):
         if gradient_checkpointing:
             loaded.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.net = SparseHeadDenoiser(loaded.model, self.template.mask_id)
-        self.val_metrics = LanguageNelbo(["en", "ru"])
-        self.test_metrics = LanguageNelbo(["en", "ru"])
+        self.val_metrics = LanguageNelbo()  # per-language NELBO, languages as the data brings them
+        self.test_metrics = LanguageNelbo()
         self.diffusion_config: Optional[dict] = None  # an export folder's metadata (set by loading.load_exported)
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient (checkpointed)
         self._nonfinite_streak = 0
@@ -301,10 +301,11 @@ class MaskedDiffusionLM(TextGeneration, pl.LightningModule):
         return self.net(input_ids, attention_mask, query)
 
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        languages = {s.language for s in getattr(datamodule, "sources", [])} | {"en", "ru"}
-        self.val_metrics = LanguageNelbo(languages)
-        self.test_metrics = LanguageNelbo(languages)
+        """Hand the data module the model's chat template and sequence limit (``connect``), so the data,
+        the sampler and export share one template; the data never reads the Trainer's model."""
+        connect = getattr(getattr(self.trainer, "datamodule", None), "connect", None)
+        if callable(connect):
+            connect(self.template, self.max_length)
 
     # ------------------------------------------------------------- training
     def _nelbo(self, rows: dict, t: torch.Tensor, seed: int, step: int, keys: torch.Tensor, normalizer=None,

@@ -82,7 +82,7 @@ def test_bad_input_is_one_line(tmp_path, messages_jsonl, capsys, monkeypatch, ca
         def no_data(*args, **kwargs):
             raise AssertionError("data was read before the options were checked")
 
-        monkeypatch.setattr("diffusion_lm.data.datamodule.load_raw", no_data)
+        monkeypatch.setattr("diffusion_lm.data.mix.load_raw", no_data)
     args = argv(tmp_path, messages_jsonl)
     capsys.readouterr()
     with pytest.raises(SystemExit) as info:

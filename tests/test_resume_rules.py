@@ -72,7 +72,7 @@ def test_a_different_model_is_an_error_naming_the_key_before_any_data_is_read(on
     def no_data(*args, **kwargs):
         raise AssertionError("data was read before the checkpoint was checked")
 
-    monkeypatch.setattr("diffusion_lm.data.datamodule.load_raw", no_data)
+    monkeypatch.setattr("diffusion_lm.data.mix.load_raw", no_data)
     capsys.readouterr()
     with pytest.raises(SystemExit) as info:
         main(_args(root, data, "--trainer.max_steps=2", f"--ckpt_path={last}", change))

@@ -18,7 +18,7 @@ from ..chat import (
 )
 from .datamodule import DialogDataModule
 from .examples import ExampleBuilder
-from .mixing import apportion, mix_size
+from .mix import apportion, build_mix, mix_size
 from .skips import SKIP_REASONS, BadRecordError, SkipSummary
 from .sources import ADAPTERS, DATASET_PRESETS, DataSource, load_raw, to_conversation
 
@@ -44,6 +44,7 @@ __all__ = [
     "Turn",
     "ValidationPrompt",
     "apportion",
+    "build_mix",
     "load_raw",
     "mix_size",
     "special_ids",
