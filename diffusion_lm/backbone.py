@@ -574,10 +574,6 @@ class SparseHeadDenoiser(nn.Module):
             )
 
     @property
-    def body(self) -> nn.Module:
-        return self.model.base_model
-
-    @property
     def vocab_size(self) -> int:
         """Number of logits per position (the output embedding's rows)."""
         head = self.model.get_output_embeddings()

@@ -37,6 +37,7 @@ from typing import Any, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from .chat import DEFAULT_VALIDATION_PROMPTS, ValidationPrompt
@@ -244,8 +245,6 @@ class ValidationSampling(Callback):
         return "\n".join(lines)
 
     def _write_tensorboard(self, trainer: pl.Trainer, rows: Sequence[dict]) -> None:
-        from lightning.pytorch.loggers import TensorBoardLogger
-
         loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         if not loggers:
             return  # another logger (or none): the JSONL file and the scalars still record the samples

@@ -19,6 +19,8 @@ the pipeline functions and the callbacks all build on it.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -261,9 +263,6 @@ class ChatTemplate:
         """
         if self._fingerprint is not None:
             return self._fingerprint
-        import hashlib
-        import json
-
         tok = self.tokenizer
         backend = getattr(tok, "backend_tokenizer", None)
         if backend is not None:  # fast tokenizers: the full serialised pipeline (vocab, normaliser, ...)

@@ -23,6 +23,8 @@ import stat
 from pathlib import Path
 from typing import IO, Iterator, Union
 
+from .errors import ConfigError
+
 __all__ = [
     "append_line",
     "read_utf8",
@@ -200,8 +202,6 @@ def publish_folder(folder: PathLike) -> None:
 def read_utf8(path: PathLike, where: str) -> str:
     """The text of ``path``; bytes that are not UTF-8 are a one-line
     :class:`~diffusion_lm.errors.ConfigError` naming ``where``, the line and the byte offset."""
-    from .errors import ConfigError
-
     raw = Path(path).read_bytes()
     try:
         return raw.decode("utf-8")

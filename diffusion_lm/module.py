@@ -10,11 +10,19 @@ from typing import Any, Literal, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
+from transformers import (
+    get_constant_schedule_with_warmup,
+    get_cosine_with_min_lr_schedule_with_warmup,
+    get_linear_schedule_with_warmup,
+)
 
 from .backbone import ScratchBackbone, SparseHeadDenoiser, load_backbone
+from .callbacks import BatchComposition
 from .chat import ChatTemplate, Conversation, Turn
 from .errors import ConfigError, TrainingDiverged
+from .health import MLMHealthCheck
 from .metrics import LanguageNelbo
 from .objective import masked_diffusion_nelbo
 from .resume import apply_optimizer_hparams, changed_hparams, check_resume, describe_resume
@@ -250,9 +258,6 @@ class MaskedDiffusionLM(TextGeneration, pl.LightningModule):
         """Callbacks every run gets unless ``trainer.callbacks`` already has one of the kind: the
         batch-composition diagnostics, and the MLM health check at fit start (unless disabled, or the
         backbone is built from a config: a random head is then expected, not a fault)."""
-        from .callbacks import BatchComposition
-        from .health import MLMHealthCheck
-
         trainer = self._trainer
         if trainer is None:
             return []
@@ -424,8 +429,6 @@ class MaskedDiffusionLM(TextGeneration, pl.LightningModule):
     def _clip(self, opt) -> torch.Tensor:
         """Clip the gradient norm (when ``gradient_clip_val`` is set) and return the norm before clipping."""
         value = self.hparams.gradient_clip_val or float("inf")
-        from lightning.pytorch.strategies import FSDPStrategy
-
         if isinstance(self.trainer.strategy, FSDPStrategy):
             # Lightning's precision hook refuses norm clipping under FSDP (lightning#19235).
             return self.trainer.model.clip_grad_norm_(value)
@@ -498,12 +501,6 @@ class MaskedDiffusionLM(TextGeneration, pl.LightningModule):
             lr=hp.learning_rate,
             betas=tuple(hp.betas),
         )
-        from transformers import (
-            get_constant_schedule_with_warmup,
-            get_cosine_with_min_lr_schedule_with_warmup,
-            get_linear_schedule_with_warmup,
-        )
-
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = min(hp.warmup_steps, total)
         if hp.lr_schedule == "cosine":

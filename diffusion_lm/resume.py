@@ -26,7 +26,12 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
+from .backbone import ScratchBackbone
+from .chat import DEFAULT_ROLE_HEADERS
+from .checkpoint_io import read_checkpoint_file
 from .errors import ConfigError
+from .files import is_temp_file
+from .schedules import LogLinearSchedule, NoiseSchedule
 
 __all__ = [
     "ARCHITECTURE_KEYS",
@@ -60,16 +65,12 @@ def _plain(value: Any) -> Any:
 def _normal(key: str, value: Any) -> Any:
     """A comparable form of one hyperparameter (defaults filled in, CLI dicts == Python objects)."""
     if key == "backbone" and not isinstance(value, str):
-        from .backbone import ScratchBackbone
-
         fields = {f.name for f in dataclasses.fields(ScratchBackbone)}
         plain = _plain(value)
         if isinstance(plain, dict) and set(plain) <= fields:
             return _plain(ScratchBackbone(**plain))
         return plain
     if key == "schedule":
-        from .schedules import LogLinearSchedule, NoiseSchedule
-
         if value is None:
             value = LogLinearSchedule()
         if isinstance(value, NoiseSchedule):
@@ -79,8 +80,6 @@ def _normal(key: str, value: Any) -> Any:
             return {"class_path": plain["class_path"], "init_args": plain.get("init_args") or {}}
         return plain
     if key == "role_headers":
-        from .chat import DEFAULT_ROLE_HEADERS
-
         return dict(DEFAULT_ROLE_HEADERS, **(_plain(value) or {}))
     return _plain(value)
 
@@ -177,8 +176,6 @@ def find_last_checkpoint(default_root_dir: Optional[str], dirpaths: Sequence[str
     a new ``version_<n>`` folder: the previous run's ``last.ckpt`` is never found and training
     silently starts over. Looking at every version makes ``--ckpt_path last`` resume after a restart.
     """
-    from .files import is_temp_file
-
     root = Path(default_root_dir or os.getcwd())
     folders = [Path(d) for d in dirpaths if d] + [root, root / "checkpoints"] + list(root.glob("*/*/checkpoints"))
     found = []
@@ -197,8 +194,6 @@ def read_checkpoint(path: str) -> Optional[dict]:
 
     Raises a one-line :class:`ConfigError` for a missing or unreadable (truncated) file.
     """
-    from .checkpoint_io import read_checkpoint_file
-
     if "://" in path or path in _SPECIAL_PATHS or path == "last" or path.startswith("registry:"):
         return None
     file = Path(path).expanduser()

@@ -15,11 +15,12 @@ from typing import Any, Literal, Optional
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
+from ..backbone import load_tokenizer
 from ..chat import DEFAULT_VALIDATION_PROMPTS, ChatTemplate, ValidationPrompt
 from ..errors import ConfigError
 from .collate import CanvasPolicy, DiffusionCollator
 from .examples import parse_skip_key
-from .loaders import map_loader, row_lengths, stream_loader
+from .loaders import map_loader, stream_loader
 from .mix import MixSettings, StoppingStrategy, build_mix, describe_mix
 from .skips import SkipSummary
 from .sources import DataSource
@@ -205,8 +206,6 @@ class DialogDataModule(pl.LightningDataModule):
             return self.template
         if self.tokenizer_path is None:
             raise ConfigError("DialogDataModule needs a tokenizer: set data.tokenizer or attach it to a MaskedDiffusionLM")
-        from ..backbone import load_tokenizer
-
         self.template = ChatTemplate(load_tokenizer(self.tokenizer_path))
         return self.template
 
@@ -306,10 +305,6 @@ class DialogDataModule(pl.LightningDataModule):
         return DiffusionCollator(self.resolve_template().pad_id, self.canvas, seed=self.seed,
                                  pad_to_multiple_of=self.pad_to_multiple_of, pack_length=pack,
                                  max_width=max(self.max_length, pack or 0))
-
-    def row_lengths(self, dataset) -> list[int]:
-        """Width of each example once collated (prompt + answer region), for length sorting."""
-        return row_lengths(dataset, self.canvas)
 
     def _trained_batches(self) -> int:
         """Training batches the fit loop has completed in the current epoch (what a checkpoint covers)."""

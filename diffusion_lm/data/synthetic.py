@@ -26,6 +26,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..chat import DEFAULT_ROLE_HEADERS
+
 __all__ = [
     "KINDS",
     "SyntheticTask",
@@ -127,8 +129,6 @@ def synthetic_tokenizer(folder: str | Path, max_number: int = 1000) -> Path:
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
-
-    from ..chat import DEFAULT_ROLE_HEADERS
 
     words: set[str] = set()
     pre = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(),

@@ -15,6 +15,7 @@ policy by string (``"greedy"``) or pass an instance (``SampleProposer(temperatur
 
 from __future__ import annotations
 
+import importlib
 import math
 from typing import Any, ClassVar, Mapping, Optional, Union
 
@@ -496,7 +497,7 @@ def resolve_policy(kind: str, spec: Union[str, Mapping[str, Any], Policy], regis
         if cls is None:
             raise ConfigError(f"unknown {kind} {spec!r}; valid names: {', '.join(registry)}")
         if kind == "selector" and isinstance(kwargs.get("schedule"), Mapping):
-            kwargs["schedule"] = _schedule_from_config(kwargs["schedule"])
+            kwargs["schedule"] = NoiseSchedule.from_config(kwargs["schedule"])
         try:
             return cls(**kwargs)
         except TypeError as err:
@@ -506,16 +507,9 @@ def resolve_policy(kind: str, spec: Union[str, Mapping[str, Any], Policy], regis
 
 def _import_class(class_path: str, kind: str) -> Any:
     """``package.module.Class`` -> the class (a bare class name is looked up in this module)."""
-    import importlib
-
     module_name, _, cls_name = class_path.rpartition(".")
     try:
         return getattr(importlib.import_module(module_name or __name__), cls_name)
     except (ImportError, AttributeError, ValueError):
         raise ConfigError(f"{kind} class_path {class_path!r} cannot be imported") from None
 
-
-def _schedule_from_config(config: Mapping[str, Any]) -> NoiseSchedule:
-    """Rebuild a NoiseSchedule from its ``to_config()`` dict (``class_path`` + ``init_args``)."""
-    cls = _import_class(str(config["class_path"]), "schedule")
-    return cls(**dict(config.get("init_args") or {}))
