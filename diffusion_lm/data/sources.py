@@ -381,6 +381,41 @@ def _load_failure(path: Path, where: str, err: BaseException) -> ConfigError:
     return ConfigError(f"{where} could not be read ({type(cause).__name__}: {message})")
 
 
+def _load_arguments(source: DataSource, path: Path, where: str) -> tuple[tuple, dict[str, Any]]:
+    """The ``datasets.load_dataset`` arguments of a local file, a local folder or a hub id."""
+    if path.is_file():
+        builder = _LOCAL_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise ConfigError(f"{where}: unsupported file type {path.suffix!r}; use one of {sorted(_LOCAL_BUILDERS)}")
+        if path.stat().st_size == 0:
+            raise ConfigError(f"{where}: the file is empty (no records)")
+        kwargs: dict[str, Any] = {"data_files": str(path), "split": "train"}
+        if source.json_field:
+            kwargs["field"] = source.json_field
+        return (builder,), kwargs
+    if path.is_dir() or source.path.count("/") == 1:
+        return (source.path, source.subset), {"split": source.split, "revision": source.revision}
+    raise ConfigError(f"{where}: no such file or folder, and not a hub id (owner/name)")
+
+
+def _load_dataset(source: DataSource, path: Path, where: str, cache_dir: Optional[str], args: tuple,
+                  kwargs: dict[str, Any]) -> Any:
+    """``datasets.load_dataset``, with a one-line :class:`ConfigError` for what a user can fix."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(*args, streaming=source.streaming, cache_dir=cache_dir, **kwargs)
+    except Exception as err:
+        if path.is_file() and not source.streaming:  # say what is wrong with the file, in one line
+            raise _load_failure(path, where, err) from err
+        if isinstance(err, (OSError, ValueError)):  # not found, offline, unknown split, unparsable file
+            raise ConfigError(
+                f"{where} could not be loaded ({err.__class__.__name__}: {err}). Check the path, subset "
+                "and split; hub datasets need network access or a filled cache (HF_HUB_OFFLINE=1 uses it)."
+            ) from err
+        raise
+
+
 def load_raw(source: DataSource, cache_dir: Optional[str] = None, strict: bool = False,
              on_skip: Optional[Callable[[str, int], None]] = None) -> Any:
     """The raw records of a source: a ``datasets.Dataset``, or an ``IterableDataset`` if streaming.
@@ -393,43 +428,17 @@ def load_raw(source: DataSource, cache_dir: Optional[str] = None, strict: bool =
     import datasets
 
     where = f"data source {source.label!r} ({source.path})"
+    path = Path(source.path)
     if source.format == "chatterbot":
         ds = datasets.Dataset.from_list(chatterbot_records(source.language, source.categories))
-        if source.streaming:
-            ds = ds.to_iterable_dataset()
+        ds = ds.to_iterable_dataset() if source.streaming else ds
     else:
-        path = Path(source.path)
-        ds = None
-        if path.is_file():
-            builder = _LOCAL_BUILDERS.get(path.suffix.lower())
-            if builder is None:
-                raise ConfigError(f"{where}: unsupported file type {path.suffix!r}; use one of {sorted(_LOCAL_BUILDERS)}")
-            if path.stat().st_size == 0:
-                raise ConfigError(f"{where}: the file is empty (no records)")
-            if builder in ("json", "csv") and _first_bad_utf8(path) is not None:
-                ds = _without_non_utf8(path, where, strict, on_skip)
-                ds = ds.to_iterable_dataset() if source.streaming else ds
-            args: tuple = (builder,)
-            kwargs: dict[str, Any] = {"data_files": str(path), "split": "train"}
-            if source.json_field:
-                kwargs["field"] = source.json_field
-        elif path.is_dir() or source.path.count("/") == 1:
-            args = (source.path, source.subset)
-            kwargs = {"split": source.split, "revision": source.revision}
+        args, kwargs = _load_arguments(source, path, where)
+        if path.is_file() and args[0] in ("json", "csv") and _first_bad_utf8(path) is not None:
+            ds = _without_non_utf8(path, where, strict, on_skip)
+            ds = ds.to_iterable_dataset() if source.streaming else ds
         else:
-            raise ConfigError(f"{where}: no such file or folder, and not a hub id (owner/name)")
-        try:
-            if ds is None:
-                ds = datasets.load_dataset(*args, streaming=source.streaming, cache_dir=cache_dir, **kwargs)
-        except Exception as err:
-            if path.is_file() and not source.streaming:  # say what is wrong with the file, in one line
-                raise _load_failure(path, where, err) from err
-            if isinstance(err, (OSError, ValueError)):  # not found, offline, unknown split, unparsable file
-                raise ConfigError(
-                    f"{where} could not be loaded ({err.__class__.__name__}: {err}). Check the path, subset "
-                    "and split; hub datasets need network access or a filled cache (HF_HUB_OFFLINE=1 uses it)."
-                ) from err
-            raise
+            ds = _load_dataset(source, path, where, cache_dir, args, kwargs)
     if source.max_samples is not None:
         ds = ds.take(source.max_samples) if source.streaming else ds.select(range(min(source.max_samples, len(ds))))
     return ds
