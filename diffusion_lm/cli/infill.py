@@ -60,32 +60,6 @@ def _read_infill_input(path: str) -> tuple[list[Any], list[str]]:
     return ids, texts
 
 
-def _read_infill_input(path: str) -> tuple[list[Any], list[str]]:
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise ConfigError(f"--input {path!r}: no such file")
-    if file.suffix.lower() != ".jsonl":
-        text = read_utf8(file, path)
-        if not text.strip():
-            raise ConfigError(f"--input {path!r} is empty")
-        return [0], [text]
-    ids, texts = [], []
-    for lineno, line in enumerate(read_utf8(file, path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path} line {lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-            raise ConfigError(f"{path} line {lineno}: expected an object with a \"text\" string")
-        ids.append(obj.get("id", len(texts)))
-        texts.append(obj["text"])
-    if not texts:
-        raise ConfigError(f"--input {path!r} holds no texts (one JSON object per line: {{\"text\": \"...\"}})")
-    return ids, texts
-
-
 def infill_command(
     model: str,
     text: Optional[str] = None,
