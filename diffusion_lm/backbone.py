@@ -142,7 +142,8 @@ class T5EncoderForMaskedLM(T5PreTrainedModel):
     that import to load an exported T5-family model (there is no T5 masked-LM class upstream).
     """
 
-    _tied_weights_keys = {"encoder.embed_tokens.weight": "shared.weight", "lm_head.decoder.weight": "shared.weight"}
+    _tied_weights_keys = {"encoder.embed_tokens.weight": "shared.weight",
+                          "lm_head.decoder.weight": "shared.weight"}
     # A full T5 checkpoint also carries a decoder stack and a seq2seq LM head: not ours.
     _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^lm_head\.weight$"]
     config_class = T5Config
@@ -193,13 +194,15 @@ class T5EncoderForMaskedLM(T5PreTrainedModel):
         **kwargs: Any,
     ) -> MaskedLMOutput:
         """Logits ``[B, L, V]`` at every position (and the MLM loss when ``labels`` are given)."""
-        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs)
+        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                           **kwargs)
         logits = self.lm_head(out.last_hidden_state)
         loss = None
         if labels is not None:
             flat = logits.float().view(-1, logits.shape[-1])
             loss = nn.functional.cross_entropy(flat, labels.view(-1), ignore_index=-100)
-        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
+        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                              attentions=out.attentions)
 
 
 # exist_ok=True: transformers silently skips registering a native config class otherwise.
@@ -257,7 +260,8 @@ def _segment_mask(m: nn.Module, segments: torch.Tensor) -> Any:
     the model's attention implementation takes (built by transformers' own mask utilities)."""
     from transformers.masking_utils import create_bidirectional_mask, packed_sequence_mask_function
 
-    embeds = torch.empty(*segments.shape, 0, dtype=m.get_input_embeddings().weight.dtype, device=segments.device)
+    embeds = torch.empty(*segments.shape, 0, dtype=m.get_input_embeddings().weight.dtype,
+                         device=segments.device)
     return create_bidirectional_mask(
         config=m.config, inputs_embeds=embeds, attention_mask=None,
         and_mask_function=packed_sequence_mask_function(segments),
@@ -266,9 +270,13 @@ def _segment_mask(m: nn.Module, segments: torch.Tensor) -> Any:
 
 def _modernbert_segment_mask(m: nn.Module, segments: torch.Tensor) -> Any:
     """ModernBERT alternates global and sliding-window layers: one segment mask per layer type."""
-    from transformers.masking_utils import create_bidirectional_sliding_window_mask, packed_sequence_mask_function
+    from transformers.masking_utils import (
+        create_bidirectional_sliding_window_mask,
+        packed_sequence_mask_function,
+    )
 
-    embeds = torch.empty(*segments.shape, 0, dtype=m.get_input_embeddings().weight.dtype, device=segments.device)
+    embeds = torch.empty(*segments.shape, 0, dtype=m.get_input_embeddings().weight.dtype,
+                         device=segments.device)
     return {
         "full_attention": _segment_mask(m, segments),
         "sliding_attention": create_bidirectional_sliding_window_mask(
@@ -360,7 +368,8 @@ def _load_with_attention(load: Callable[[Optional[str]], Any], requested: Option
             text = str(err)
             if isinstance(err, ValueError) and "attn_implementation" in text and "is not supported" in text:
                 raise ConfigError(f"model.attn_implementation={requested!r}: {text.splitlines()[0]}") from err
-            unavailable = isinstance(err, ImportError) or "does not support" in text or "attention" in text.lower()
+            unavailable = isinstance(err,
+                                     ImportError) or "does not support" in text or "attention" in text.lower()
             if not unavailable or i == len(chain) - 1:
                 raise
             log.warning("%s: attention %r is not available (%s); falling back to %r",
@@ -385,7 +394,8 @@ def load_tokenizer(name_or_path: Optional[str]):
 
 def _token_style(tokenizer, word: str) -> str:
     """A new special token in the tokenizer's own style: ``[MASK]`` for BERT-like, ``<mask>`` otherwise."""
-    present = [t for t in (tokenizer.pad_token, tokenizer.unk_token, tokenizer.cls_token, tokenizer.sep_token) if t]
+    present = [t for t in (tokenizer.pad_token, tokenizer.unk_token, tokenizer.cls_token,
+                           tokenizer.sep_token) if t]
     if any(str(t).startswith("[") for t in present):
         return f"[{word.upper()}]"
     return f"<{word.lower()}>"
@@ -412,7 +422,8 @@ def ensure_special_tokens(tokenizer, model: Optional[nn.Module] = None) -> dict[
         added["eos_token"] = "[SEP]" if _token_style(tokenizer, "x").startswith("[") else "</s>"
     if added:
         tokenizer.add_special_tokens(added)
-        log.warning("added special tokens %s to the tokenizer; their embedding rows are new and untrained", added)
+        log.warning("added special tokens %s to the tokenizer; their embedding rows are new and untrained",
+                    added)
     if model is None:
         return added
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
@@ -420,7 +431,8 @@ def ensure_special_tokens(tokenizer, model: Optional[nn.Module] = None) -> dict[
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     end = eos_id if eos_id not in (None, pad_id) else tokenizer.sep_token_id
     bos = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
-    for attr, value in (("pad_token_id", tokenizer.pad_token_id), ("eos_token_id", end), ("bos_token_id", bos)):
+    for attr, value in (("pad_token_id", tokenizer.pad_token_id), ("eos_token_id", end),
+                        ("bos_token_id", bos)):
         if getattr(model.config, attr, None) is None and value is not None:
             setattr(model.config, attr, value)
     if getattr(model.config, "mask_token_id", None) is None:
@@ -455,7 +467,8 @@ def _build_scratch(spec: ScratchBackbone, attn_implementation: Optional[str]):
     except ValueError as err:
         raise ConfigError(f"model.backbone.model_type: {err}") from err
     model = _load_with_attention(
-        lambda impl: AutoModelForMaskedLM.from_config(config, **({"attn_implementation": impl} if impl else {})),
+        lambda impl: AutoModelForMaskedLM.from_config(config,
+                                                      **({"attn_implementation": impl} if impl else {})),
         resolve_attn_implementation(attn_implementation),
         f"scratch {spec.model_type}",
     )
@@ -469,9 +482,9 @@ def _warn_fresh_head(spec: str, model: nn.Module, missing: list[str]) -> bool:
     head_missing = [k for k in missing if k.startswith(prefixes)] if prefixes else []
     if head_missing:
         log.warning(
-            "%s has no masked-LM head in its checkpoint (%d head weights freshly initialised, e.g. %s): it cannot "
-            "predict masked tokens until fine-tuned. Expect the MLM health check to flag it; conversion works "
-            "best from a model pretrained with MLM.",
+            "%s has no masked-LM head in its checkpoint (%d head weights freshly initialised, e.g. %s): it "
+            "cannot predict masked tokens until fine-tuned. Expect the MLM health check to flag it; "
+            "conversion works best from a model pretrained with MLM.",
             spec,
             len(head_missing),
             head_missing[0],
@@ -506,8 +519,8 @@ def load_backbone(
     local = os.path.isdir(spec)
     if not local and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
         raise ConfigError(
-            f"model.backbone={spec!r}: no such folder. Give an existing local model folder or a hub id such as "
-            "'deepvk/RuModernBERT-base'."
+            f"model.backbone={spec!r}: no such folder. Give an existing local model folder or a hub id such "
+            "as 'deepvk/RuModernBERT-base'."
         )
     base_kwargs: dict[str, Any] = {"output_loading_info": True}
     if dtype is not None:
@@ -524,13 +537,14 @@ def load_backbone(
         where = "local folder" if local else "hub id"
         raise ConfigError(
             f"model.backbone={spec!r} ({where}) could not be loaded: {err}. Check the path or hub id, "
-            "your network / HF_HUB_OFFLINE setting, and that the folder holds config.json, weights and a tokenizer."
+            "your network / HF_HUB_OFFLINE setting, and that the folder holds config.json, weights and a "
+            "tokenizer."
         ) from err
     except ValueError as err:
         if "Unrecognized configuration class" in str(err):
             raise ConfigError(
-                f"model.backbone={spec!r}: its architecture has no masked-LM class in transformers. Supported "
-                f"families: {', '.join(sorted(FAMILIES))} (see docs/models.md)."
+                f"model.backbone={spec!r}: its architecture has no masked-LM class in transformers. "
+                f"Supported families: {', '.join(sorted(FAMILIES))} (see docs/models.md)."
             ) from err
         raise
     fresh_head = _warn_fresh_head(spec, model, list(info.get("missing_keys", [])))
@@ -616,7 +630,8 @@ class SparseHeadDenoiser(nn.Module):
         return logits
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query: torch.Tensor, packed: Optional[bool] = None
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query: torch.Tensor,
+                packed: Optional[bool] = None
     ) -> torch.Tensor:
         if self._family is None and not packed:
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[query].float()
@@ -631,8 +646,8 @@ class Backbone(SparseHeadDenoiser):
     ``model.backbone`` option); it warns once and behaves the same."""
 
     def __init__(self, model: nn.Module, mask_id: int) -> None:
-        warnings.warn("diffusion_lm.backbone.Backbone is deprecated: use SparseHeadDenoiser", DeprecationWarning,
-                      stacklevel=2)
+        warnings.warn("diffusion_lm.backbone.Backbone is deprecated: use SparseHeadDenoiser",
+                      DeprecationWarning, stacklevel=2)
         super().__init__(model, mask_id)
 
 

@@ -81,7 +81,8 @@ class ValidationSampling(Callback):
     ) -> None:
         super().__init__()
         if every_n_validations < 1:
-            raise ConfigError(f"ValidationSampling.every_n_validations must be >= 1, got {every_n_validations}")
+            raise ConfigError("ValidationSampling.every_n_validations must be >= 1, got "
+                              f"{every_n_validations}")
         if max_prompts is not None and max_prompts < 1:
             raise ConfigError(f"ValidationSampling.max_prompts must be >= 1 or null, got {max_prompts}")
         if canvas_length is not None and canvas_length < 1:
@@ -110,7 +111,8 @@ class ValidationSampling(Callback):
             return ValidationPrompt(**p)
         if isinstance(p, str):
             return ValidationPrompt(p)
-        raise ConfigError(f"ValidationSampling.prompts: expected {{text, language}} mappings, got {type(p).__name__}")
+        raise ConfigError(f"ValidationSampling.prompts: expected {{text, language}} mappings, got "
+                          f"{type(p).__name__}")
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -176,7 +178,8 @@ class ValidationSampling(Callback):
         kept, convs = [], []
         for p in prompts:
             conv = p.conversation()
-            problem = pl_module.length_problem(f"the prompt {p.text[:40]!r}", len(pl_module.prompt_ids(conv)), canvas)
+            problem = pl_module.length_problem(f"the prompt {p.text[:40]!r}", len(pl_module.prompt_ids(conv)),
+                                               canvas)
             if problem is not None:
                 self._warn_once(f"long:{p.text}", f"ValidationSampling: skipping {problem}")
                 continue
@@ -238,10 +241,12 @@ class ValidationSampling(Callback):
         def cell(value: Any) -> str:
             return str(value).replace("|", "\\|").replace("\n", "<br>") or " "
 
-        lines = ["| lang | prompt | answer | rep3 | run | len | nfe | tok/fwd |", "|---|---|---|---|---|---|---|---|"]
+        lines = ["| lang | prompt | answer | rep3 | run | len | nfe | tok/fwd |",
+                 "|---|---|---|---|---|---|---|---|"]
         for r in rows:
-            lines.append(f"| {cell(r['language'])} | {cell(r['prompt'])} | {cell(r['answer'])} | {r['rep3']:.2f} | "
-                         f"{r['longest_run']} | {r['length']} | {r['nfe']} | {r['tokens_per_forward']:.2f} |")
+            lines.append(f"| {cell(r['language'])} | {cell(r['prompt'])} | {cell(r['answer'])} | "
+                         f"{r['rep3']:.2f} | {r['longest_run']} | {r['length']} | {r['nfe']} | "
+                         f"{r['tokens_per_forward']:.2f} |")
         return "\n".join(lines)
 
     def _write_tensorboard(self, trainer: pl.Trainer, rows: Sequence[dict]) -> None:
@@ -315,8 +320,8 @@ class BatchComposition(Callback):
         lines = [f"batch composition over {self.batches} training batches (this rank):"]
         for lang in sorted(self.sums):
             r = self.report
-            lines.append(f"  {lang}: share {r[f'share_{lang}_mean']:.3f} +- {r[f'share_{lang}_std']:.3f} per batch "
-                         f"(uniform batches: +- {r[f'share_{lang}_binomial_std']:.3f})")
+            lines.append(f"  {lang}: share {r[f'share_{lang}_mean']:.3f} +- {r[f'share_{lang}_std']:.3f} per "
+                         f"batch (uniform batches: +- {r[f'share_{lang}_binomial_std']:.3f})")
         log.info("\n".join(lines))
         for logger in trainer.loggers:
             logger.log_metrics({f"data/{k}": v for k, v in self.report.items()}, step=trainer.global_step)

@@ -49,7 +49,8 @@ DEFAULT_LANGUAGES = ("en", "ru")
 class BadRecord(ValueError):
     """A source record (or one answer of it) that cannot become a training example.
 
-    ``reason`` is a key of :data:`~diffusion_lm.data.skips.SKIP_REASONS` (the counter key); ``detail`` says what was found.
+    ``reason`` is a key of :data:`~diffusion_lm.data.skips.SKIP_REASONS` (the counter key); ``detail`` says
+    what was found.
     """
 
     def __init__(self, reason: str, detail: str = "") -> None:
@@ -101,7 +102,8 @@ class Conversation:
             if turn.content is None:
                 raise BadRecord("missing_content", f"message {i} ({turn.role})")
             if not isinstance(turn.content, str):
-                raise BadRecord("non_string_content", f"message {i} ({turn.role}) is {type(turn.content).__name__}")
+                raise BadRecord("non_string_content",
+                                f"message {i} ({turn.role}) is {type(turn.content).__name__}")
             if not turn.content.strip():
                 raise BadRecord("empty_content", f"message {i} ({turn.role})")
         if not any(t.role == "assistant" for t in self.turns):
@@ -140,7 +142,8 @@ def special_ids(tokenizer) -> dict[str, int | None]:
     if tokenizer.mask_token_id is None:
         raise ConfigError(
             f"{name} has no mask token. Load the backbone through diffusion_lm.backbone.load_backbone "
-            "(it adds [MASK] and resizes the embeddings) or add one with tokenizer.add_special_tokens({'mask_token': '[MASK]'})."
+            "(it adds [MASK] and resizes the embeddings) or add one with "
+            "tokenizer.add_special_tokens({'mask_token': '[MASK]'})."
         )
     pad = tokenizer.pad_token_id
     eos = tokenizer.eos_token_id
@@ -152,9 +155,11 @@ def special_ids(tokenizer) -> dict[str, int | None]:
             "tokenizer.add_special_tokens({'eos_token': '</s>'})."
         )
     if pad is None:
-        raise ConfigError(f"{name} has no pad token; add one, e.g. tokenizer.add_special_tokens({{'pad_token': '[PAD]'}}).")
+        raise ConfigError(f"{name} has no pad token; add one, e.g. "
+                          f"tokenizer.add_special_tokens({{'pad_token': '[PAD]'}}).")
     if eos == pad:
-        raise ConfigError(f"{name}: the end-of-answer token equals the pad token ({pad}); give the tokenizer a distinct EOS.")
+        raise ConfigError(f"{name}: the end-of-answer token equals the pad token ({pad}); give the tokenizer "
+                          "a distinct EOS.")
     bos = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
     return {"mask": tokenizer.mask_token_id, "pad": pad, "eos": eos, "bos": bos}
 
@@ -184,9 +189,11 @@ class ChatTemplate:
     def encode_text(self, text: str) -> list[int]:
         """Token ids of plain text, with no special tokens: a special token's spelling inside the text
         (``[MASK]``, ``[SEP]``) is tokenised as the characters it is made of, so user or training text
-        never injects a mask, end or pad token (an infill text with a literal ``[MASK]`` gets no extra hole)."""
+        never injects a mask, end or pad token (an infill text with a literal ``[MASK]`` gets no extra
+        hole)."""
         # verbose=False: no "longer than the model maximum" warning; length limits are applied on ids.
-        return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"])
+        return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True,
+                                   verbose=False)["input_ids"])
 
     def encode_texts(self, texts: Sequence[str]) -> list[list[int]]:
         """``encode_text`` of many texts in one tokenizer call (the same ids, faster)."""
@@ -253,7 +260,8 @@ class ChatTemplate:
         ids = list(ids)
         if self.eos_id in ids:
             ids = ids[: ids.index(self.eos_id)]
-        return self.tokenizer.decode([i for i in ids if i not in (self.pad_id, self.mask_id)], skip_special_tokens=True).strip()
+        return self.tokenizer.decode([i for i in ids if i not in (self.pad_id, self.mask_id)],
+                                     skip_special_tokens=True).strip()
 
     def fingerprint(self) -> str:
         """A stable hash of everything that decides the ids this template produces.
@@ -270,7 +278,8 @@ class ChatTemplate:
         else:
             vocab = json.dumps(sorted(tok.get_vocab().items()), ensure_ascii=False)
         h = hashlib.sha256()
-        for part in (type(tok).__name__, vocab, json.dumps(self.to_config(), sort_keys=True, ensure_ascii=False)):
+        for part in (type(tok).__name__, vocab,
+                     json.dumps(self.to_config(), sort_keys=True, ensure_ascii=False)):
             h.update(part.encode("utf-8"))
             h.update(b"\0")
         self._fingerprint = h.hexdigest()[:32]  # cached: serialising a large vocabulary is slow

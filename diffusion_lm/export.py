@@ -34,7 +34,8 @@ from .chat import DEFAULT_LANGUAGES
 from .checkpoint_io import read_checkpoint_file
 from .errors import ConfigError
 from .files import fsync_dir, publish_folder
-from .loading import (  # the folder format; load_exported and read_diffusion_config are kept importable from here
+# The folder format is loading's; load_exported and read_diffusion_config stay importable from here.
+from .loading import (
     DIFFUSION_CONFIG,
     FORMAT_VERSION,
     load_checkpoint,
@@ -78,7 +79,8 @@ def _jsonable(value: Any) -> Any:
 
 def _sampler_defaults(model) -> dict:
     """Canvas and length defaults, plus the sampler presets (``{name: SamplerConfig.to_dict()}``)."""
-    out: dict[str, Any] = {"canvas_length": int(model.hparams.canvas_length), "max_length": int(model.max_length)}
+    out: dict[str, Any] = {"canvas_length": int(model.hparams.canvas_length),
+                           "max_length": int(model.max_length)}
     out["default_preset"] = "quality"
     out["presets"] = {name: factory().to_dict() for name, factory in PRESETS.items()}
     return out
@@ -94,7 +96,8 @@ def diffusion_config(model, *, weights: str = "current", data_summary: Optional[
     """The ``diffusion_config.json`` content for a :class:`~diffusion_lm.MaskedDiffusionLM`."""
     template = model.template
     hp = dict(model.hparams)
-    training = {k: _jsonable(v) for k, v in hp.items() if k not in ("backbone", "schedule") and not k.startswith("_")}
+    training = {k: _jsonable(v) for k,
+                v in hp.items() if k not in ("backbone", "schedule") and not k.startswith("_")}
     return {
         "format_version": FORMAT_VERSION,
         "diffusion_lm_version": __version__,
@@ -133,10 +136,11 @@ def _model_card(cfg: dict) -> str:
     data_lines = data_lines or ["- (no data summary recorded)"]
     schedule = cfg["schedule"]["class_path"].rsplit(".", 1)[-1]
     load_note = (
-        "This is a T5 encoder with a masked-LM head (`T5EncoderForMaskedLM`), which transformers does not ship: "
-        "`import diffusion_lm` before `AutoModelForMaskedLM.from_pretrained` registers it."
+        "This is a T5 encoder with a masked-LM head (`T5EncoderForMaskedLM`), which transformers does not "
+        "ship: `import diffusion_lm` before `AutoModelForMaskedLM.from_pretrained` registers it."
         if t5
-        else "The weights load with plain `transformers.AutoModelForMaskedLM.from_pretrained` (no remote code)."
+        else "The weights load with plain `transformers.AutoModelForMaskedLM.from_pretrained` (no remote "
+             "code)."
     )
     sampler = cfg.get("sampler") or {}
     presets = ", ".join(sampler.get("presets") or []) or "n/a"
@@ -183,7 +187,8 @@ strengths.
 
 
 def _check_replaceable(target: Path, protect: Sequence[Path]) -> None:
-    """``--overwrite`` replaces an earlier export only: never a folder with checkpoints or the export's source."""
+    """``--overwrite`` replaces an earlier export only: never a folder with checkpoints or the export's
+    source."""
     for source in protect:
         source = Path(source).expanduser().resolve()
         if source == target or target in source.parents:
@@ -191,8 +196,8 @@ def _check_replaceable(target: Path, protect: Sequence[Path]) -> None:
                               "export to another folder")
     checkpoint = next((p for p in target.rglob("*.ckpt")), None)
     if checkpoint is not None:
-        raise ConfigError(f"--output_dir {target} holds checkpoints ({checkpoint}); --overwrite never replaces "
-                          "a folder with checkpoints: export to another folder")
+        raise ConfigError(f"--output_dir {target} holds checkpoints ({checkpoint}); --overwrite never "
+                          "replaces a folder with checkpoints: export to another folder")
     if any(target.iterdir()) and not (target / DIFFUSION_CONFIG).is_file():
         raise ConfigError(f"--output_dir {target} is not a diffusion_lm export (no {DIFFUSION_CONFIG}); "
                           "--overwrite only replaces an earlier export: choose another folder")
@@ -257,14 +262,16 @@ def _verify(folder: Path, model, dtype: Optional[torch.dtype]) -> None:
     reloaded, tokenizer = load_hf_export(folder, saved_dtype)
     if len(tokenizer) != len(model.tokenizer):
         raise RuntimeError(
-            f"export check: the saved tokenizer has {len(tokenizer)} tokens, the model's {len(model.tokenizer)}"
+            f"export check: the saved tokenizer has {len(tokenizer)} tokens, the model's "
+            f"{len(model.tokenizer)}"
         )
     ids = torch.tensor([model.prompt_ids("Hello! Привет!")[:32]])
     mask = torch.ones_like(ids)
     was_training = hf.training
     hf.eval()
     try:
-        expected = hf(input_ids=ids.to(param.device), attention_mask=mask.to(param.device)).logits.float().cpu()
+        expected = hf(input_ids=ids.to(param.device),
+                      attention_mask=mask.to(param.device)).logits.float().cpu()
     finally:
         hf.train(was_training)
     got = reloaded(input_ids=ids, attention_mask=mask).logits.float()
@@ -272,8 +279,10 @@ def _verify(folder: Path, model, dtype: Optional[torch.dtype]) -> None:
     scale = float(expected.abs().max().clamp_min(1.0))
     atol, rtol = (1e-4, 1e-4) if exact else (5e-2 * scale, 5e-2)
     if got.shape != expected.shape or not torch.allclose(got, expected, atol=atol, rtol=rtol):
-        diff = (got - expected).abs().max().item() if got.shape == expected.shape else f"shape {tuple(got.shape)}"
-        raise RuntimeError(f"export check: logits of the reloaded export differ from the model's (max |diff| {diff})")
+        same = got.shape == expected.shape
+        diff = (got - expected).abs().max().item() if same else f"shape {tuple(got.shape)}"
+        raise RuntimeError("export check: logits of the reloaded export differ from the model's (max |diff| "
+                           f"{diff})")
 
 
 # ----------------------------------------------------------------------------- export
@@ -309,7 +318,8 @@ def export_model(
     def write(tmp: Path) -> None:
         state = None
         if dtype is not None:
-            state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in hf_model.state_dict().items()}
+            state = {k: (v.to(dtype) if v.is_floating_point() else v) for k,
+                     v in hf_model.state_dict().items()}
         hf_model.save_pretrained(tmp, state_dict=state)
         if dtype is not None:
             config_path = tmp / "config.json"
@@ -317,7 +327,8 @@ def export_model(
             saved["dtype"] = str(dtype).replace("torch.", "")
             config_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         model.tokenizer.save_pretrained(tmp)
-        (tmp / DIFFUSION_CONFIG).write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        (tmp / DIFFUSION_CONFIG).write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n",
+                                            encoding="utf-8")
         (tmp / "README.md").write_text(_model_card(cfg), encoding="utf-8")
         if verify:
             _verify(tmp, model, dtype)

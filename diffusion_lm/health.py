@@ -110,7 +110,8 @@ class HealthReport:
         for r in self.results:
             lines.append(f"  {r.rate:9.2f}   {r.accuracy:8.3f}   {r.nll:10.3f}   {r.tokens:6d}")
         lines.append(
-            f"  baselines: token-frequency NLL {self.unigram_nll:.3f}, uniform NLL log V = {self.uniform_nll:.3f}"
+            f"  baselines: token-frequency NLL {self.unigram_nll:.3f}, uniform NLL log V = "
+            f"{self.uniform_nll:.3f}"
         )
         lines.append(f"  verdict: {self.verdict} -- {self.message}")
         return "\n".join(lines)
@@ -125,10 +126,10 @@ def _verdict(
     gain = unigram - low.nll
     if gain < min_gain_nats:
         return "no_mlm", (
-            f"at mask rate {low.rate:g} the backbone's NLL ({low.nll:.2f}) is not clearly below the token-frequency "
-            f"baseline ({unigram:.2f}): it has no usable masked-LM ability (a fresh or random LM head, "
-            "or a model that lost MLM in contrastive training, like FRIDA). Diffusion fine-tuning from it "
-            "will start from scratch; prefer a backbone pretrained with MLM"
+            f"at mask rate {low.rate:g} the backbone's NLL ({low.nll:.2f}) is not clearly below the "
+            f"token-frequency baseline ({unigram:.2f}): it has no usable masked-LM ability (a fresh or "
+            "random LM head, or a model that lost MLM in contrastive training, like FRIDA). Diffusion "
+            "fine-tuning from it will start from scratch; prefer a backbone pretrained with MLM"
         )
     if low.accuracy < min_accuracy:
         return "weak", (
@@ -137,7 +138,8 @@ def _verdict(
             "expect slow conversion and low-quality, looping generations"
         )
     return "healthy", (
-        f"masked-token accuracy {low.accuracy:.1%} at rate {low.rate:g}, {gain:.2f} nats better than token frequencies"
+        f"masked-token accuracy {low.accuracy:.1%} at rate {low.rate:g}, {gain:.2f} nats better than token "
+        "frequencies"
     )
 
 
@@ -287,20 +289,21 @@ class MLMHealthCheck(pl.Callback):
             return
         if type(trainer.strategy).__name__ in _SHARDED_STRATEGIES:
             rank_zero_info(
-                "MLM health check skipped under a sharded strategy; run `diffusion-lm check --model ...` first"
+                "MLM health check skipped under a sharded strategy; run `diffusion-lm check --model ...` "
+                "first"
             )
             return
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "train_dataloader"):
-            rank_zero_info("MLM health check skipped: it reads its sample from the datamodule's train_dataloader()")
+            rank_zero_info("MLM health check skipped: it reads its sample from the datamodule's "
+                           "train_dataloader()")
             return
         # A fresh loader: iterating it does not move the fit loop's own loader or collator RNG.
         loader = datamodule.train_dataloader()
         template = pl_module.template
         device = pl_module.device
-        batches = (
-            {k: b[k].to(device) for k in _BATCH_KEYS if k in b} for b in itertools.islice(loader, self.num_batches)
-        )
+        batches = ({k: b[k].to(device) for k in _BATCH_KEYS if k in b}
+                   for b in itertools.islice(loader, self.num_batches))
         was_training = pl_module.training
         pl_module.eval()
         try:

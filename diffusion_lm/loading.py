@@ -73,12 +73,12 @@ def read_diffusion_config(path: Union[str, Path]) -> dict:
     """The parsed ``diffusion_config.json`` of an export folder (with a clear error if missing)."""
     file = Path(path) / DIFFUSION_CONFIG
     if not file.is_file():
-        raise ConfigError(f"{path}: not a diffusion_lm export (no {DIFFUSION_CONFIG}); give a folder written by "
-                          "`diffusion-lm export` or a .ckpt checkpoint")
+        raise ConfigError(f"{path}: not a diffusion_lm export (no {DIFFUSION_CONFIG}); give a folder written "
+                          "by `diffusion-lm export` or a .ckpt checkpoint")
     cfg = json.loads(file.read_text(encoding="utf-8"))
     if int(cfg.get("format_version", 0)) > FORMAT_VERSION:
-        raise ConfigError(f"{file}: format_version {cfg.get('format_version')} is newer than this diffusion_lm "
-                          f"understands ({FORMAT_VERSION}); upgrade diffusion_lm")
+        raise ConfigError(f"{file}: format_version {cfg.get('format_version')} is newer than this "
+                          f"diffusion_lm understands ({FORMAT_VERSION}); upgrade diffusion_lm")
     return cfg
 
 
@@ -103,12 +103,12 @@ def load_exported(path: Union[str, Path], map_location: DevicePath = "cpu",
     )
     if not tpl.get("add_bos", True):
         model.template = ChatTemplate(model.tokenizer, role_headers=tpl.get("role_headers"), add_bos=False)
-    got = {"mask_id": model.template.mask_id, "eos_id": model.template.eos_id, "pad_id": model.template.pad_id,
-           "bos_id": model.template.bos_id}
+    got = {"mask_id": model.template.mask_id, "eos_id": model.template.eos_id,
+           "pad_id": model.template.pad_id, "bos_id": model.template.bos_id}
     wanted = {k: tpl.get(k) for k in got}
     if got != wanted:
-        raise ConfigError(f"{path}: the tokenizer's special ids {got} do not match {DIFFUSION_CONFIG} {wanted}; "
-                          "the folder's tokenizer files were changed after export")
+        raise ConfigError(f"{path}: the tokenizer's special ids {got} do not match {DIFFUSION_CONFIG} "
+                          f"{wanted}; the folder's tokenizer files were changed after export")
     model.diffusion_config = cfg
     return model.to(map_location).eval()
 

@@ -38,10 +38,12 @@ log = logging.getLogger(__name__)
 # Lightning warns that a step checkpoint of a manually optimised module holds the weights *after*
 # the step. That is what we want: a checkpoint at global_step N holds the weights after N updates,
 # exactly as under automatic optimisation.
-warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization and every_n_train_steps")
+warnings.filterwarnings("ignore",
+                        message="Using ModelCheckpoint with manual optimization and every_n_train_steps")
 
 # Per-token tensors of a batch (rows x positions); the other keys are per example.
-_ROW_TENSORS = ("input_ids", "attention_mask", "loss_mask", "loss_weight", "metric_mask", "example", "position")
+_ROW_TENSORS = ("input_ids", "attention_mask", "loss_mask", "loss_weight", "metric_mask", "example",
+                "position")
 
 
 def check_options(**options: Any) -> None:
@@ -49,13 +51,16 @@ def check_options(**options: Any) -> None:
     rules = {
         "learning_rate": (lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0 (e.g. 1e-4)"),
         "weight_decay": (lambda v: math.isfinite(v) and v >= 0, "must be a finite number >= 0"),
-        "betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "must be two numbers in [0, 1), e.g. [0.9, 0.98]"),
+        "betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v),
+                  "must be two numbers in [0, 1), e.g. [0.9, 0.98]"),
         "warmup_steps": (lambda v: v >= 0, "must be >= 0 (0 disables warm-up)"),
         "min_lr_ratio": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
-        "micro_batch_size": (lambda v: v is None or v >= 1, "must be >= 1 (or unset: the whole batch at once)"),
+        "micro_batch_size": (lambda v: v is None or v >= 1,
+                             "must be >= 1 (or unset: the whole batch at once)"),
         "gradient_clip_val": (lambda v: v is None or (math.isfinite(v) and v >= 0),
                               "must be >= 0 (or unset: no clipping)"),
-        "time_eps": (lambda v: 0 < v < 1, "must be in (0, 1), e.g. 1e-3 (the 1/t weight is infinite at t = 0)"),
+        "time_eps": (lambda v: 0 < v < 1,
+                     "must be in (0, 1), e.g. 1e-3 (the 1/t weight is infinite at t = 0)"),
         "canvas_length": (lambda v: v >= 1, "must be >= 1"),
         "max_nonfinite_steps": (lambda v: v >= 1, "must be >= 1"),
     }
@@ -80,7 +85,8 @@ class TextGeneration:
     max_length: int
     hparams: Any
 
-    def denoise(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    def denoise(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                query: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def prompt_ids(self, prompt: Union[str, Conversation, Sequence[Turn]]) -> list[int]:
@@ -140,8 +146,8 @@ class TextGeneration:
         canvas alone fills the model)."""
         limit = self.max_length
         if canvas_length >= limit:
-            raise ConfigError(f"--canvas_length {canvas_length} leaves no room for a prompt: the model takes {limit} "
-                              f"positions in all; lower --canvas_length")
+            raise ConfigError(f"--canvas_length {canvas_length} leaves no room for a prompt: the model takes "
+                              f"{limit} positions in all; lower --canvas_length")
         return limit - canvas_length
 
     def length_problem(self, label: str, prompt_tokens: int, canvas_length: int) -> Optional[str]:
@@ -153,8 +159,8 @@ class TextGeneration:
         fix = f"shorten the prompt to at most {limit - canvas_length} tokens"
         if prompt_tokens < limit:
             fix += f" or lower --canvas_length to at most {limit - prompt_tokens}"
-        return (f"{label} is {prompt_tokens} tokens; with --canvas_length {canvas_length} that is {total} > the "
-                f"model's limit of {limit} positions: {fix}")
+        return (f"{label} is {prompt_tokens} tokens; with --canvas_length {canvas_length} that is {total} > "
+                f"the model's limit of {limit} positions: {fix}")
 
     def check_lengths(self, prompt_ids: Sequence[Sequence[int]], canvas_length: int,
                       labels: Optional[Sequence[str]] = None) -> None:
@@ -227,10 +233,11 @@ class MaskedDiffusionLM(TextGeneration, pl.LightningModule):
             schedule = NoiseSchedule.from_config(schedule)
         if schedule is not None and not isinstance(schedule, NoiseSchedule):
             raise TypeError(
-                f"model.schedule must be a diffusion_lm.schedules.NoiseSchedule subclass instance, got {type(schedule).__name__}"
+                "model.schedule must be a diffusion_lm.schedules.NoiseSchedule subclass instance, got "
+                f"{type(schedule).__name__}"
             )
-        check_options(learning_rate=learning_rate, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
-                      min_lr_ratio=min_lr_ratio, micro_batch_size=micro_batch_size,
+        check_options(learning_rate=learning_rate, weight_decay=weight_decay, betas=betas,
+                      warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, micro_batch_size=micro_batch_size,
                       gradient_clip_val=gradient_clip_val, time_eps=time_eps, canvas_length=canvas_length,
                       max_nonfinite_steps=max_nonfinite_steps)
         self.save_hyperparameters()
@@ -250,7 +257,8 @@ class MaskedDiffusionLM(TextGeneration, pl.LightningModule):
         self.net = SparseHeadDenoiser(loaded.model, self.template.mask_id)
         self.val_metrics = LanguageNelbo()  # per-language NELBO, languages as the data brings them
         self.test_metrics = LanguageNelbo()
-        self.diffusion_config: Optional[dict] = None  # an export folder's metadata (set by loading.load_exported)
+        # an export folder's metadata (set by loading.load_exported)
+        self.diffusion_config: Optional[dict] = None
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient (checkpointed)
         self._nonfinite_streak = 0
 
@@ -287,21 +295,24 @@ class MaskedDiffusionLM(TextGeneration, pl.LightningModule):
         where = str(trainer.ckpt_path or "checkpoint")
         check_resume(saved, self.hparams, where)
         if trainer.state.fn == "fit":
-            rank_zero_info(describe_resume(where, checkpoint.get("global_step"), changed_hparams(saved, self.hparams)))
+            rank_zero_info(describe_resume(where, checkpoint.get("global_step"),
+                                           changed_hparams(saved, self.hparams)))
             self._resumed = True
 
     def on_train_start(self) -> None:
         if getattr(self, "_resumed", False):
             # The restored optimizer and LR scheduler carry the checkpoint's options: apply the config's.
             self._resumed = False
-            apply_optimizer_hparams(self.optimizers(use_pl_optimizer=False), self.lr_schedulers(), self.hparams)
+            apply_optimizer_hparams(self.optimizers(use_pl_optimizer=False), self.lr_schedulers(),
+                                    self.hparams)
 
     # ----------------------------------------------------------------- basics
     @property
     def mask_id(self) -> int:
         return self.template.mask_id
 
-    def denoise(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    def denoise(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                query: torch.Tensor) -> torch.Tensor:
         """Float32 logits at ``query`` positions (the denoiser contract of the objective and sampler)."""
         return self.net(input_ids, attention_mask, query)
 
@@ -359,7 +370,8 @@ class MaskedDiffusionLM(TextGeneration, pl.LightningModule):
             return [slice(0, num_rows)]
         count = math.ceil(num_rows / micro)
         if self.trainer.world_size > 1:
-            count = int(self.trainer.strategy.reduce(torch.tensor(count, device=self.device), reduce_op="max"))
+            count = int(self.trainer.strategy.reduce(torch.tensor(count, device=self.device),
+                                                     reduce_op="max"))
         return [slice(i * micro, (i + 1) * micro) for i in range(count)]
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -412,18 +424,19 @@ class MaskedDiffusionLM(TextGeneration, pl.LightningModule):
         opt.zero_grad(set_to_none=True)
         self.skipped_steps += 1
         self._nonfinite_streak += 1
-        log.warning("step %d: non-finite %s; optimizer step skipped (%d in a row, %d in all)", self.global_step,
-                    "loss" if not torch.isfinite(loss) else "gradient norm", self._nonfinite_streak,
-                    self.skipped_steps)
+        log.warning("step %d: non-finite %s; optimizer step skipped (%d in a row, %d in all)",
+                    self.global_step, "loss" if not torch.isfinite(loss) else "gradient norm",
+                    self._nonfinite_streak, self.skipped_steps)
         limit = self.hparams.get("max_nonfinite_steps", 10)
         if self._nonfinite_streak >= limit:
             callback = self.trainer.checkpoint_callback
-            last = (getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")) if callback else ""
+            last = (getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path",
+                                                                        "")) if callback else ""
             where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
             raise TrainingDiverged(
-                f"training stopped at step {self.global_step}: {self._nonfinite_streak} optimizer steps in a row had a "
-                f"non-finite loss or gradient norm; {where}. Lower model.learning_rate, check the data, or use "
-                "bf16/fp32 precision (model.max_nonfinite_steps sets the limit)"
+                f"training stopped at step {self.global_step}: {self._nonfinite_streak} optimizer steps in a "
+                f"row had a non-finite loss or gradient norm; {where}. Lower model.learning_rate, check the "
+                "data, or use bf16/fp32 precision (model.max_nonfinite_steps sets the limit)"
             )
 
     def _clip(self, opt) -> torch.Tensor:
@@ -453,9 +466,11 @@ class MaskedDiffusionLM(TextGeneration, pl.LightningModule):
         # even out the ranks carry no metric weight.
         index = batch["sample_index"]
         example = batch["example"].clamp_min(0)
-        t = indexed_times(index, seed=self.hparams.val_seed, eps=self.hparams.time_eps).to(self.device)[example]
+        t = indexed_times(index, seed=self.hparams.val_seed,
+                          eps=self.hparams.time_eps).to(self.device)[example]
         keys = torch.where(batch["example"] >= 0, index[example], -1)
-        out = self._nelbo(_rows(batch, slice(None)), t, self.hparams.val_seed, 0, keys, num_groups=int(index.shape[0]))
+        out = self._nelbo(_rows(batch, slice(None)), t, self.hparams.val_seed, 0, keys,
+                          num_groups=int(index.shape[0]))
         metrics.update(out.seq_nelbo, out.seq_tokens, batch["language"])
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -504,7 +519,8 @@ class MaskedDiffusionLM(TextGeneration, pl.LightningModule):
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = min(hp.warmup_steps, total)
         if hp.lr_schedule == "cosine":
-            sched = get_cosine_with_min_lr_schedule_with_warmup(opt, warmup, total, min_lr_rate=hp.min_lr_ratio)
+            sched = get_cosine_with_min_lr_schedule_with_warmup(opt, warmup, total,
+                                                                min_lr_rate=hp.min_lr_ratio)
         elif hp.lr_schedule == "linear":
             sched = get_linear_schedule_with_warmup(opt, warmup, total)
         else:

@@ -59,7 +59,8 @@ def apply_noise(
     padding) are never masked. The randomness comes from ``uniforms`` (e.g. :func:`counter_uniform`)
     when given, else from ``generator``. Returns ``(noised_ids, masked)``.
     """
-    u = uniforms if uniforms is not None else torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
+    u = uniforms if uniforms is not None else torch.rand(input_ids.shape, generator=generator,
+                                                         device=input_ids.device)
     p = mask_probability.to(u.dtype)
     masked = (u < (p.unsqueeze(1) if p.dim() == 1 else p)) & loss_mask.bool()
     return torch.where(masked, torch.full_like(input_ids, mask_id), input_ids), masked
@@ -112,7 +113,8 @@ def masked_diffusion_nelbo(
     if metric_mask is None:
         metric_mask = loss_weight > 0
     metric_mask = metric_mask.bool() & loss_mask
-    noised, masked = apply_noise(input_ids, loss_mask, schedule.mask_probability(t), mask_id, generator, uniforms)
+    noised, masked = apply_noise(input_ids, loss_mask, schedule.mask_probability(t), mask_id, generator,
+                                 uniforms)
 
     query = masked
     if not bool(masked.any()):
@@ -149,7 +151,8 @@ def masked_diffusion_nelbo(
     else:
         seq_tokens = torch.zeros(n_groups, dtype=torch.float64, device=input_ids.device)
         member = metric_mask & (token_groups >= 0)
-        seq_tokens.index_add_(0, token_groups[member], torch.ones_like(token_groups[member], dtype=torch.float64))
+        seq_tokens.index_add_(0, token_groups[member],
+                              torch.ones_like(token_groups[member], dtype=torch.float64))
     return NelboOutput(
         loss=loss,
         seq_nelbo=seq_nelbo,

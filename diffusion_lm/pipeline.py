@@ -63,8 +63,9 @@ def build_sampler(
     """The sampler of a command (:meth:`SamplerConfig.resolve`): ``preset`` (default ``quality``, or the
     export's default), then the ``sampler`` file/mapping on top of it, then the individual flags on top
     of both; a preset name means the copy stored in ``model``'s export folder when it has one."""
-    return SamplerConfig.resolve(preset, sampler, steps=steps, temperature=temperature, top_p=top_p, top_k=top_k,
-                                 block_size=block_size, threshold=threshold, stored=stored_sampler(model))
+    return SamplerConfig.resolve(preset, sampler, steps=steps, temperature=temperature, top_p=top_p,
+                                 top_k=top_k, block_size=block_size, threshold=threshold,
+                                 stored=stored_sampler(model))
 
 
 # -------------------------------------------------------------------------------------------- prompts
@@ -109,8 +110,8 @@ def describe_record(record: PromptRecord, index: int) -> str:
 
 def row_stats(stats) -> dict:
     """A row's :class:`~diffusion_lm.sampling.RowStats` as the ``stats`` of an output row."""
-    return {"nfe": stats.nfe, "tokens": stats.tokens, "tokens_per_forward": round(stats.tokens_per_forward, 4),
-            "seconds": round(stats.seconds, 4)}
+    return {"nfe": stats.nfe, "tokens": stats.tokens,
+            "tokens_per_forward": round(stats.tokens_per_forward, 4), "seconds": round(stats.seconds, 4)}
 
 
 def piece_decoder(tokenizer):
@@ -188,7 +189,8 @@ class InfillOutput:
     stats: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {"id": self.id, "text": self.text, "filled": self.filled, "fills": self.fills, "stats": self.stats}
+        return {"id": self.id, "text": self.text, "filled": self.filled, "fills": self.fills,
+                "stats": self.stats}
 
 
 def splice_fills(pieces: list[tuple[str, Any]], fills: Sequence[str]) -> str:
@@ -235,8 +237,8 @@ def _infill_row(model, label: str, text: str, head: list[int], default_slots: in
     except ValueError as err:
         raise ConfigError(f"{label}: {err}") from None
     if not any(kind == "mask" for kind, _ in pieces):
-        raise ConfigError(f"{label} has no hole to fill; mark one with [[MASK]] (default {default_slots} slots) "
-                          "or [[MASK:n]] (n slots)")
+        raise ConfigError(f"{label} has no hole to fill; mark one with [[MASK]] (default {default_slots} "
+                          "slots) or [[MASK:n]] (n slots)")
     row = list(head)
     holes = []
     for kind, value in pieces:
@@ -247,13 +249,14 @@ def _infill_row(model, label: str, text: str, head: list[int], default_slots: in
             row += [tpl.mask_id] * int(value)
     row.append(tpl.eos_id)
     if len(row) > model.max_length:
-        raise ConfigError(f"{label} is {len(row)} tokens with its holes (and the {around}), more than the model's "
-                          f"limit of {model.max_length} positions; shorten the text or use fewer mask slots")
+        raise ConfigError(f"{label} is {len(row)} tokens with its holes (and the {around}), more than the "
+                          f"model's limit of {model.max_length} positions; shorten the text or use fewer "
+                          "mask slots")
     return InfillRow(row, pieces, holes)
 
 
-def infill_rows(model, texts: Sequence[str], *, ids: Optional[Sequence[Any]] = None, prompt: Optional[str] = None,
-                default_slots: int = 8) -> list[InfillRow]:
+def infill_rows(model, texts: Sequence[str], *, ids: Optional[Sequence[Any]] = None,
+                prompt: Optional[str] = None, default_slots: int = 8) -> list[InfillRow]:
     """Parse and lay out the ``[[MASK]]`` / ``[[MASK:n]]`` texts of :func:`infill_texts` (see there);
     a text with no hole, a syntax error or a row longer than the model is a :class:`ConfigError`."""
     check_options(default_slots=default_slots)
@@ -263,17 +266,20 @@ def infill_rows(model, texts: Sequence[str], *, ids: Optional[Sequence[Any]] = N
     ids = list(ids) if ids is not None else list(range(len(texts)))
     if prompt is not None and not prompt.strip():
         raise ConfigError("--prompt is empty")
-    head = tpl.prompt_ids([Turn("user", prompt)]) if prompt else ([tpl.bos_id] if tpl.bos_id is not None else [])
+    head = tpl.prompt_ids([Turn("user",
+                                prompt)]) if prompt else ([tpl.bos_id] if tpl.bos_id is not None else [])
     return [_infill_row(model, f"text {k + 1}" + (f" (id {rid!r})" if rid != k else ""), text, head,
                         default_slots, "prompt" if prompt else "BOS/EOS")
             for k, (rid, text) in enumerate(zip(ids, texts))]
 
 
 def infill_fills(model, row: InfillRow, filled: Sequence[int]) -> list[str]:
-    """The decoded text of each hole of ``row`` in ``filled`` (the row after sampling; special ids skipped)."""
+    """The decoded text of each hole of ``row`` in ``filled`` (the row after sampling; special ids
+    skipped)."""
     tpl = model.template
     special = {tpl.mask_id, tpl.pad_id, tpl.eos_id, tpl.bos_id}
-    return [model.tokenizer.decode([filled[p] for p in hole if filled[p] not in special], skip_special_tokens=True)
+    return [model.tokenizer.decode([filled[p] for p in hole if filled[p] not in special],
+                                   skip_special_tokens=True)
             for hole in row.holes]
 
 
@@ -307,8 +313,8 @@ def infill_texts(
     outputs = []
     for rid, text, r, out, stats in zip(ids, texts, laid_out, result.ids, result.row_stats):
         fills = infill_fills(model, r, out)
-        outputs.append(InfillOutput(rid, text, splice_fills(r.pieces, fills), [f.strip() for f in fills], r.row,
-                                    list(out), r.holes, row_stats(stats)))
+        outputs.append(InfillOutput(rid, text, splice_fills(r.pieces, fills), [f.strip() for f in fills],
+                                    r.row, list(out), r.holes, row_stats(stats)))
     return outputs, result
 
 
@@ -337,8 +343,8 @@ class ChatSession:
         system: optional system message.
     """
 
-    def __init__(self, model, sampler: SamplerConfig, canvas_length: Optional[int] = None, seed: Optional[int] = 0,
-                 system: Optional[str] = None) -> None:
+    def __init__(self, model, sampler: SamplerConfig, canvas_length: Optional[int] = None,
+                 seed: Optional[int] = 0, system: Optional[str] = None) -> None:
         self.model = model
         self.sampler = sampler
         self.canvas_length = canvas_length if canvas_length is not None else int(model.hparams.canvas_length)
@@ -361,8 +367,8 @@ class ChatSession:
                 return context, dropped
             if not turns:
                 raise ConfigError(f"this message is {n} tokens with its context; the model takes at most "
-                                  f"{self.budget} prompt tokens with --canvas_length {self.canvas_length}: write a "
-                                  "shorter message or lower --canvas_length")
+                                  f"{self.budget} prompt tokens with --canvas_length {self.canvas_length}: "
+                                  "write a shorter message or lower --canvas_length")
             # drop the oldest exchange: everything up to and including the first assistant turn
             cut = next((i + 1 for i, t in enumerate(turns) if t.role == "assistant"), len(turns))
             turns, dropped = turns[cut:], dropped + 1

@@ -96,7 +96,8 @@ def architecture_conflicts(saved: Mapping, current: Mapping) -> dict[str, tuple[
 
 def changed_hparams(saved: Mapping, current: Mapping) -> dict[str, tuple[Any, Any]]:
     """``{key: (checkpoint value, current value)}`` for the other hyperparameters that differ."""
-    keys = [k for k in dict.fromkeys([*saved, *current]) if not str(k).startswith("_") and k not in ARCHITECTURE_KEYS]
+    keys = [k for k in dict.fromkeys([*saved,
+                                      *current]) if not str(k).startswith("_") and k not in ARCHITECTURE_KEYS]
     out = {}
     for key in keys:
         old, new = _normal(key, saved.get(key)), _normal(key, current.get(key))
@@ -118,11 +119,12 @@ def check_resume(saved: Mapping, current: Mapping, where: str) -> None:
         if isinstance(old, dict) and isinstance(new, dict):  # name the field: model.backbone.hidden_size
             field = next(k for k in dict.fromkeys([*old, *new]) if old.get(k) != new.get(k))
             key, old, new = f"{key}.{field}", old.get(field), new.get(field)
-        others = f" (also {', '.join('model.' + k for k in list(conflicts)[1:])})" if len(conflicts) > 1 else ""
+        also = ", ".join("model." + k for k in list(conflicts)[1:])
+        others = f" (also {also})" if also else ""
         raise ConfigError(
-            f"model.{key} differs from the checkpoint {where}{others}: checkpoint {_short(old)}, config {_short(new)}; "
-            f"a resumed run keeps the model it was trained with: set model.{key} back, or start a new run "
-            "without --ckpt_path"
+            f"model.{key} differs from the checkpoint {where}{others}: checkpoint {_short(old)}, config "
+            f"{_short(new)}; a resumed run keeps the model it was trained with: set model.{key} back, or "
+            "start a new run without --ckpt_path"
         )
 
 
@@ -177,7 +179,8 @@ def find_last_checkpoint(default_root_dir: Optional[str], dirpaths: Sequence[str
     silently starts over. Looking at every version makes ``--ckpt_path last`` resume after a restart.
     """
     root = Path(default_root_dir or os.getcwd())
-    folders = [Path(d) for d in dirpaths if d] + [root, root / "checkpoints"] + list(root.glob("*/*/checkpoints"))
+    folders = [Path(d) for d in dirpaths if d] + [root,
+                                                  root / "checkpoints"] + list(root.glob("*/*/checkpoints"))
     found = []
     for folder in folders:
         for path in folder.glob("last*.ckpt"):

@@ -20,7 +20,8 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["Seed", "counter_uniform", "counter_uniform_at", "row_seed", "row_seeds", "splitmix64", "stable_seed"]
+__all__ = ["Seed", "counter_uniform", "counter_uniform_at", "row_seed", "row_seeds", "splitmix64",
+           "stable_seed"]
 
 MASK64 = (1 << 64) - 1
 
@@ -50,11 +51,13 @@ def row_seed(seed: int, row: int) -> int:
 def row_seeds(seed: Seed, n: int) -> tuple[Union[int, list[int]], list[int]]:
     """``(seed as reported, generator seed of each of n rows)``: a base seed keys rows by index (None
     draws one); a list keys each row by its own seed as row 0 of a one-row call."""
-    if seed is None or isinstance(seed, numbers.Integral) or (isinstance(seed, torch.Tensor) and seed.dim() == 0):
+    if seed is None or isinstance(seed,
+                                  numbers.Integral) or (isinstance(seed, torch.Tensor) and seed.dim() == 0):
         base = secrets.randbits(63) if seed is None else int(seed)
         return base, [row_seed(base, i) for i in range(n)]
     if isinstance(seed, (str, bytes)) or not isinstance(seed, (Sequence, torch.Tensor)):
-        raise ConfigError(f"seed must be an int, a list of ints (one per row) or None, got {type(seed).__name__}")
+        raise ConfigError("seed must be an int, a list of ints (one per row) or None, got "
+                          f"{type(seed).__name__}")
     seeds = [int(s) for s in seed]
     if len(seeds) != n:
         raise ConfigError(f"seed is a list of {len(seeds)} seeds for {n} rows; give one seed per row")

@@ -15,7 +15,12 @@ import pytest
 import torch
 
 from diffusion_lm import ConfigError, DataSource, DialogDataModule, MaskedDiffusionLM
-from diffusion_lm.backbone import SparseHeadDenoiser, T5EncoderForMaskedLM, ensure_special_tokens, load_backbone
+from diffusion_lm.backbone import (
+    SparseHeadDenoiser,
+    T5EncoderForMaskedLM,
+    ensure_special_tokens,
+    load_backbone,
+)
 from diffusion_lm.data import CanvasPolicy, ChatTemplate, Turn
 
 from .families import FAMILY_NAMES, make_family, roberta_tokenizer, t5_tokenizer
@@ -64,7 +69,8 @@ def test_backbone_is_a_deprecated_name_of_the_sparse_head_denoiser(folders):
     model, tokenizer = load_backbone(str(folders["bert"]))
     with pytest.warns(DeprecationWarning, match="SparseHeadDenoiser"):
         net = Backbone(model, tokenizer.mask_token_id)
-    assert isinstance(net, SparseHeadDenoiser) and net.vocab_size == model.get_output_embeddings().weight.shape[0]
+    assert isinstance(net,
+                      SparseHeadDenoiser) and net.vocab_size == model.get_output_embeddings().weight.shape[0]
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -74,7 +80,8 @@ def test_a_packed_row_computes_what_separate_rows_compute(folders, tmp_path, fam
     gives in a row of its own: attention stays inside a segment and positions restart."""
     folder = folders[family]
     if family == "modernbert":  # a short sliding window, so the local layers' segment mask matters
-        folder = make_family("modernbert", tmp_path / "local", config_edit=lambda c: setattr(c, "local_attention", 4))
+        folder = make_family("modernbert", tmp_path / "local",
+                             config_edit=lambda c: setattr(c, "local_attention", 4))
     model, tokenizer = load_backbone(str(folder), attn_implementation=attn)
     net = SparseHeadDenoiser(model.eval(), tokenizer.mask_token_id)
     g = torch.Generator().manual_seed(0)
@@ -85,7 +92,8 @@ def test_a_packed_row_computes_what_separate_rows_compute(folders, tmp_path, fam
     for i, e in enumerate(examples):
         rows[i, : len(e)], mask[i, : len(e)] = e, 1
     packed = torch.cat(examples + [torch.full((3,), tokenizer.pad_token_id)])[None]
-    segments = torch.cat([torch.full((len(e),), i + 1) for i, e in enumerate(examples)] + [torch.zeros(3)]).long()[None]
+    segments = torch.cat([torch.full((len(e),), i + 1) for i,
+                          e in enumerate(examples)] + [torch.zeros(3)]).long()[None]
     with torch.no_grad():
         separate = net(rows, mask, mask.bool())
         together = net(packed, segments, segments > 0)
@@ -111,7 +119,8 @@ def test_t5_encoder_gets_a_mask_token_and_a_fresh_head_tied_to_its_embeddings(fo
     # The pretrained body is intact: same hidden states on the old vocabulary.
     x = torch.tensor([[5, 6, 7, 1]])
     with torch.no_grad():
-        torch.testing.assert_close(model.encoder(input_ids=x).last_hidden_state, encoder(input_ids=x).last_hidden_state)
+        torch.testing.assert_close(model.encoder(input_ids=x).last_hidden_state,
+                                   encoder(input_ids=x).last_hidden_state)
 
 
 def test_models_with_an_mlm_head_are_not_flagged_fresh(folders):
@@ -137,7 +146,8 @@ def test_tokenizer_without_mask_and_pad_gets_them_and_the_embeddings_grow():
     tokenizer.pad_token = None
     before = len(tokenizer)
     model = AutoModelForMaskedLM.from_config(AutoConfig.for_model(
-        "roberta", vocab_size=before, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
+        "roberta", vocab_size=before, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                                                  intermediate_size=32))
     added = ensure_special_tokens(tokenizer, model)
     assert set(added) == {"mask_token", "pad_token"}
     # "<mask>" / "<pad>" were already in the vocabulary: re-registered, not duplicated.
@@ -161,7 +171,8 @@ def test_new_tokens_grow_the_embeddings(folders):
     model, _ = load_backbone(str(folders["t5"]))
     ensure_special_tokens(tokenizer, model)
     assert model.get_input_embeddings().num_embeddings >= len(tokenizer)
-    assert model.lm_head.decoder.weight is model.shared.weight and model.lm_head.decoder.bias.shape[0] == len(tokenizer)
+    assert model.lm_head.decoder.weight is model.shared.weight
+    assert model.lm_head.decoder.bias.shape[0] == len(tokenizer)
 
 
 @pytest.mark.parametrize("family", ["modernbert", "t5"])
@@ -204,7 +215,8 @@ def test_gemma_size_vocabulary_trains_without_full_vocabulary_logits(tmp_path, m
     folder = make_family("mmbert", tmp_path / "mmbert", vocab_size=vocab, hidden=tiny)
     model = MaskedDiffusionLM(str(folder), warmup_steps=0, health_check=False)
     shapes, positions = [], []
-    model.net.model.get_output_embeddings().register_forward_hook(lambda m, i, out: shapes.append(tuple(out.shape)))
+    head = model.net.model.get_output_embeddings()
+    head.register_forward_hook(lambda m, i, out: shapes.append(tuple(out.shape)))
 
     class Record(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -222,4 +234,5 @@ def test_gemma_size_vocabulary_trains_without_full_vocabulary_logits(tmp_path, m
     batch_positions, masked = positions
     assert shapes == [(masked, vocab)], shapes  # one head call, on the masked positions only
     assert 0 < masked < batch_positions
-    assert not torch.equal(model.net.model.get_input_embeddings().weight, before)  # the step trained the (tied) head
+    # the step trained the (tied) head
+    assert not torch.equal(model.net.model.get_input_embeddings().weight, before)

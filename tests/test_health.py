@@ -52,7 +52,8 @@ def _batches(folder: Path, data_file: Path):
 def _check(model, tokenizer, template, batches, **kwargs):
     net = SparseHeadDenoiser(model, template.mask_id).eval()
     ignore = [template.pad_id, template.eos_id, template.bos_id]
-    return mlm_health(net, batches, mask_id=template.mask_id, vocab_size=len(tokenizer), ignore_ids=ignore, **kwargs)
+    return mlm_health(net, batches, mask_id=template.mask_id, vocab_size=len(tokenizer), ignore_ids=ignore,
+                      **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +111,8 @@ def test_same_seed_same_figures_and_chunking_does_not_change_them(folders, data_
     # Scoring a few rows per call (bounded [N, V] logits for a 256k vocabulary) gives the same figures.
     chunked = _check(model, tokenizer, template, batches, max_scored_per_call=5)
     for a, b in zip(first.results, chunked.results):
-        assert a.tokens == b.tokens and a.accuracy == pytest.approx(b.accuracy) and a.nll == pytest.approx(b.nll, rel=1e-5)
+        assert a.tokens == b.tokens and a.accuracy == pytest.approx(b.accuracy)
+        assert a.nll == pytest.approx(b.nll, rel=1e-5)
 
 
 def _trainer(tmp_path, **kw) -> pl.Trainer:

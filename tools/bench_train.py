@@ -97,7 +97,8 @@ def main() -> None:
             start = time.perf_counter()
             with autocast:
                 if variant == "ours":
-                    out = masked_diffusion_nelbo(net, ids, attn, loss_mask, t, schedule, mask_id, generator=gen)
+                    out = masked_diffusion_nelbo(net, ids, attn, loss_mask, t, schedule, mask_id,
+                                                 generator=gen)
                     loss, logits_bytes = out.loss, out.num_masked * args.vocab * 4
                 else:
                     loss, logits_bytes = naive_loss(model, ids, attn, loss_mask, t, schedule, mask_id, gen)
@@ -123,7 +124,8 @@ def main() -> None:
             {
                 "benchmark": "train_step",
                 "config": vars(args),
-                "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+                "device": (torch.cuda.get_device_name() if device.type == "cuda"
+                           else platform.processor() or "cpu"),
                 "threads": torch.get_num_threads(),
                 "ours_gathered_head": ours,
                 "naive_full_logits": naive,

@@ -50,7 +50,8 @@ def _list_of_str_params(fn: Callable) -> list[str]:
     names = []
     for name in inspect.signature(fn).parameters:
         hint = hints.get(name)
-        options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union,
+                                                                       types.UnionType) else (hint,)
         if any(typing.get_origin(h) is list and typing.get_args(h) in ((str,), ()) for h in options):
             names.append(name)
     return names

@@ -51,8 +51,8 @@ def _input_lines(stream: TextIO, interactive: bool) -> Iterator[str]:
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as err:
-            print(f"diffusion-lm: error: stdin line {lineno} is not valid UTF-8 (byte offset {start + err.start}); "
-                  "skipped", file=sys.stderr)
+            print(f"diffusion-lm: error: stdin line {lineno} is not valid UTF-8 (byte offset "
+                  f"{start + err.start}); skipped", file=sys.stderr)
             continue
         yield line.rstrip("\r\n")
 
@@ -77,7 +77,8 @@ def chat_command(
     the context of every answer (the oldest exchanges are dropped when it no longer fits).
 
     Commands: /reset (start a new conversation), /quit (or end of input). Works with piped stdin:
-    `printf 'Hello\\nAnd you?\\n' | diffusion-lm chat --model run/checkpoints/last.ckpt` prints one answer per line.
+    `printf 'Hello\\nAnd you?\\n' | diffusion-lm chat --model run/checkpoints/last.ckpt` prints one answer per
+    line.
 
     Args:
         model: a .ckpt checkpoint of `diffusion-lm fit` or a `diffusion-lm export` folder.
@@ -129,7 +130,8 @@ def chat_command(
                 print(f"(dropped the {reply.dropped} oldest exchange(s) to fit the model)", file=sys.stderr)
             print(f"bot> {reply.answer}" if interactive else reply.answer, flush=True)
             if log is not None:
-                row = {"turn": turn, "messages": [{"role": t.role, "content": t.content} for t in reply.context],
+                row = {"turn": turn,
+                       "messages": [{"role": t.role, "content": t.content} for t in reply.context],
                        "answer": reply.answer, "dropped": reply.dropped, "stats": reply.stats}
                 append_line(log, json.dumps(row, ensure_ascii=False))
     finally:

@@ -37,8 +37,8 @@ def _read_recipe(path: Optional[str]) -> dict:
         return yaml.safe_load(fh) or {}
 
 
-def _sample_batches(template: ChatTemplate, sources: list, *, batch_size: int, max_samples: int, max_length: int,
-                    canvas_length: int, seed: int, num_batches: int) -> Iterator[dict]:
+def _sample_batches(template: ChatTemplate, sources: list, *, batch_size: int, max_samples: int,
+                    max_length: int, canvas_length: int, seed: int, num_batches: int) -> Iterator[dict]:
     """``num_batches`` training batches of at most ``max_samples`` records per source, with the model's
     own chat template and the whole answer scored (no filler, over-long answers cut)."""
     capped = []
@@ -61,7 +61,8 @@ def _sample_batches(template: ChatTemplate, sources: list, *, batch_size: int, m
 def _measure(net: SparseHeadDenoiser, template: ChatTemplate, batches: Iterator[dict], rates: list[float],
              seed: int, device: torch.device, bf16: bool) -> HealthReport:
     use_bf16 = bf16 and device.type == "cuda"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else torch.autocast("cpu", enabled=False)
+    autocast = torch.autocast("cuda",
+                              dtype=torch.bfloat16) if use_bf16 else torch.autocast("cpu", enabled=False)
     with autocast:
         return mlm_health(net, batches, mask_id=template.mask_id, vocab_size=net.vocab_size,
                           ignore_ids=template_ignore_ids(template), rates=rates, seed=seed, device=device)
@@ -115,10 +116,11 @@ def check_command(
         ]
     dev = resolve_device(device)
     net, template = load_denoiser(model, dev, attn_implementation or model_cfg.get("attn_implementation"))
+    max_length = max_length or data_cfg.get("max_length") or 512
+    canvas_length = canvas_length or (data_cfg.get("canvas") or {}).get("length") or 128
     batches = _sample_batches(template, sources, batch_size=batch_size, max_samples=max_samples,
-                              max_length=max_length or data_cfg.get("max_length") or 512,
-                              canvas_length=canvas_length or (data_cfg.get("canvas") or {}).get("length") or 128,
-                              seed=seed, num_batches=num_batches)
+                              max_length=max_length, canvas_length=canvas_length, seed=seed,
+                              num_batches=num_batches)
     report = _measure(net, template, batches, rates, seed, dev, bf16)
     print(f"model: {model}")
     print(report.table())

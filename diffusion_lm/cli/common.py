@@ -34,5 +34,5 @@ def summary_line(what: str, result) -> str:
     """The stderr line after a command: time, forwards, tokens per forward and row, the seed."""
     st = result.stats
     per_row = st.tokens / st.row_forwards if st.row_forwards else 0.0
-    return (f"{what} in {st.seconds:.2f} s: {st.nfe} batched forward passes, {per_row:.2f} tokens per forward "
-            f"per row, seed {result.seed}")
+    return (f"{what} in {st.seconds:.2f} s: {st.nfe} batched forward passes, {per_row:.2f} tokens per "
+            f"forward per row, seed {result.seed}")

@@ -67,7 +67,8 @@ class DiffusionLMCLI(LightningCLI):
             callbacks = trainer.get("callbacks") or []
             callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
             dirpaths = [getattr(getattr(cb, "init_args", None), "dirpath", None) for cb in callbacks]
-            found = find_last_checkpoint(trainer.get("default_root_dir"), [d for d in dirpaths if isinstance(d, str)])
+            found = find_last_checkpoint(trainer.get("default_root_dir"),
+                                         [d for d in dirpaths if isinstance(d, str)])
             if found is None:
                 return  # Lightning warns and starts from scratch: `ckpt_path: last` on a first run
             ckpt_path = config["ckpt_path"] = found

@@ -48,16 +48,19 @@ def read_prompt_file(path: str) -> list[PromptRecord]:
                 raise ConfigError(f"{where}: \"prompt\" is empty or not a string")
             turns = [Turn("user", obj["prompt"])]
         else:
-            raise ConfigError(f"{where}: needs a \"prompt\" string or a \"messages\" list (keys: {sorted(obj)})")
+            raise ConfigError(f"{where}: needs a \"prompt\" string or a \"messages\" list (keys: "
+                              f"{sorted(obj)})")
         language = obj.get("language")
         records.append(PromptRecord(obj.get("id", len(records)), turns, turns[-1].content,
                                     str(language) if language is not None else None))
     if not records:
-        raise ConfigError(f"--input {path!r} holds no prompts (one JSON object per line: {{\"prompt\": \"...\"}})")
+        raise ConfigError(f"--input {path!r} holds no prompts (one JSON object per line: "
+                          f"{{\"prompt\": \"...\"}})")
     return records
 
 
-def _records(prompt: Optional[Sequence[str]], input: Optional[str], system: Optional[str] = None) -> list[PromptRecord]:
+def _records(prompt: Optional[Sequence[str]], input: Optional[str],
+             system: Optional[str] = None) -> list[PromptRecord]:
     records: list[PromptRecord] = []
     for k, text in enumerate(prompt or []):
         if not isinstance(text, str) or not text.strip():

@@ -50,13 +50,15 @@ def _read_infill_input(path: str) -> tuple[list[Any], list[str]]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ConfigError(f"{path} line {lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
+            raise ConfigError(f"{path} line {lineno}: not valid JSON ({err.msg} at column {err.colno})") \
+                from None
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise ConfigError(f"{path} line {lineno}: expected an object with a \"text\" string")
         ids.append(obj.get("id", len(texts)))
         texts.append(obj["text"])
     if not texts:
-        raise ConfigError(f"--input {path!r} holds no texts (one JSON object per line: {{\"text\": \"...\"}})")
+        raise ConfigError(f"--input {path!r} holds no texts "
+                          '(one JSON object per line: {"text": "..."})')
     return ids, texts
 
 

@@ -32,15 +32,16 @@ log = logging.getLogger(__name__)
 
 def _check_options(sources: list, *, batch_size: int, val_batch_size: Optional[int], max_length: int,
                    canvas: CanvasPolicy, train_turns: str, total_samples: Optional[int], num_workers: int,
-                   num_proc: Optional[int], batching: str, pack_length: Optional[int], group_batches: Optional[int],
-                   shuffle_buffer: int, pad_to_multiple_of: int) -> None:
+                   num_proc: Optional[int], batching: str, pack_length: Optional[int],
+                   group_batches: Optional[int], shuffle_buffer: int, pad_to_multiple_of: int) -> None:
     """One-line errors for ``data.*`` options out of range or in conflict, before any data is read."""
     if not sources:
         raise ConfigError("data.sources is empty: give at least one source (path, format, language)")
     minimum = {"num_workers": 0, "max_length": 2}
     counts = dict(batch_size=batch_size, val_batch_size=val_batch_size, max_length=max_length,
                   num_workers=num_workers, num_proc=num_proc, group_batches=group_batches,
-                  shuffle_buffer=shuffle_buffer, pad_to_multiple_of=pad_to_multiple_of, pack_length=pack_length)
+                  shuffle_buffer=shuffle_buffer, pad_to_multiple_of=pad_to_multiple_of,
+                  pack_length=pack_length)
     for name, value in counts.items():
         low = minimum.get(name, 1)
         if value is not None and value < low:
@@ -57,13 +58,16 @@ def _check_options(sources: list, *, batch_size: int, val_batch_size: Optional[i
     _check_batching(batching, max_length, pack_length, group_batches)
 
 
-def _check_batching(batching: str, max_length: int, pack_length: Optional[int], group_batches: Optional[int]) -> None:
+def _check_batching(batching: str, max_length: int, pack_length: Optional[int],
+                    group_batches: Optional[int]) -> None:
     if batching not in ("packed", "padded", "grouped"):
         raise ConfigError(f"data.batching must be packed, padded or grouped, got {batching!r}")
     if group_batches is not None and batching != "grouped":
-        raise ConfigError(f"data.group_batches applies to data.batching: grouped only (batching is {batching!r})")
+        raise ConfigError("data.group_batches applies to data.batching: grouped only (batching is "
+                          f"{batching!r})")
     if pack_length is not None and batching != "packed":
-        raise ConfigError(f"data.pack_length applies to data.batching: packed only (batching is {batching!r})")
+        raise ConfigError(f"data.pack_length applies to data.batching: packed only "
+                          f"(batching is {batching!r})")
     if pack_length is not None and pack_length < max_length:
         raise ConfigError(f"data.pack_length ({pack_length}) must be >= data.max_length ({max_length}): "
                           "every example must fit in a row")
@@ -136,9 +140,10 @@ class DialogDataModule(pl.LightningDataModule):
         super().__init__()
         canvas = canvas if isinstance(canvas, CanvasPolicy) else CanvasPolicy(**canvas)
         _check_options(sources, batch_size=batch_size, val_batch_size=val_batch_size, max_length=max_length,
-                       canvas=canvas, train_turns=train_turns, total_samples=total_samples, num_workers=num_workers,
-                       num_proc=num_proc, batching=batching, pack_length=pack_length, group_batches=group_batches,
-                       shuffle_buffer=shuffle_buffer, pad_to_multiple_of=pad_to_multiple_of)
+                       canvas=canvas, train_turns=train_turns, total_samples=total_samples,
+                       num_workers=num_workers, num_proc=num_proc, batching=batching, pack_length=pack_length,
+                       group_batches=group_batches, shuffle_buffer=shuffle_buffer,
+                       pad_to_multiple_of=pad_to_multiple_of)
         self.sources = [s if isinstance(s, DataSource) else DataSource(**s) for s in sources]
         labels = [s.label for s in self.sources]
         if len(set(labels)) != len(labels):
@@ -154,11 +159,14 @@ class DialogDataModule(pl.LightningDataModule):
         self.seed = seed
         self.num_workers = num_workers
         self.num_proc = num_proc
-        self.validation_prompts = validation_prompts if validation_prompts is not None else list(DEFAULT_VALIDATION_PROMPTS)
+        if validation_prompts is None:
+            validation_prompts = list(DEFAULT_VALIDATION_PROMPTS)
+        self.validation_prompts = validation_prompts
         self.batching = batching
         self.stratify = stratify
         self.pack_length = pack_length
-        self.group_batches = group_batches if group_batches is not None else (64 if batching == "grouped" else 1)
+        default_group = 64 if batching == "grouped" else 1
+        self.group_batches = group_batches if group_batches is not None else default_group
         self.stopping_strategy = stopping_strategy
         self.shuffle_buffer = shuffle_buffer
         self.cache_dir = cache_dir
@@ -194,7 +202,8 @@ class DialogDataModule(pl.LightningDataModule):
             self.template = template
         if max_length is not None and self.max_length > max_length:
             raise ConfigError(
-                f"data.max_length={self.max_length} exceeds the backbone's {max_length} positions; lower data.max_length"
+                f"data.max_length={self.max_length} exceeds the backbone's {max_length} positions; lower "
+                "data.max_length"
             )
         self.model_max_length = max_length
         if self._setup_called:
@@ -205,7 +214,8 @@ class DialogDataModule(pl.LightningDataModule):
         if self.template is not None:
             return self.template
         if self.tokenizer_path is None:
-            raise ConfigError("DialogDataModule needs a tokenizer: set data.tokenizer or attach it to a MaskedDiffusionLM")
+            raise ConfigError("DialogDataModule needs a tokenizer: set data.tokenizer or attach it to a "
+                              "MaskedDiffusionLM")
         self.template = ChatTemplate(load_tokenizer(self.tokenizer_path))
         return self.template
 
@@ -223,12 +233,14 @@ class DialogDataModule(pl.LightningDataModule):
     def _prepare(self) -> None:
         if self.train_dataset is None and self.train_stream is None:
             mix = build_mix(self.sources, self.resolve_template(), self.settings, self.skipped)
-            self.train_dataset, self.train_stream, self.val_dataset = mix.train_dataset, mix.train_stream, mix.val_dataset
+            self.train_dataset, self.train_stream = mix.train_dataset, mix.train_stream
+            self.val_dataset = mix.val_dataset
             self.summary = mix.summary
         if self._stage in (None, "fit") and self.train_stream is not None and self.total_samples is None:
             if getattr(self.trainer, "max_steps", None) == -1:
                 raise ConfigError(
-                    "a streaming training mix has no end: set data.total_samples (examples per epoch) or trainer.max_steps"
+                    "a streaming training mix has no end: set data.total_samples (examples per epoch) or "
+                    "trainer.max_steps"
                 )
         self._report()
 
@@ -241,7 +253,8 @@ class DialogDataModule(pl.LightningDataModule):
         """The options that decide the examples and the mix."""
         return MixSettings(canvas=self.canvas, max_length=self.max_length, train_turns=self.train_turns,
                            strict=self.strict, seed=self.seed, total_samples=self.total_samples,
-                           stopping_strategy=self.stopping_strategy, num_proc=self.num_proc, cache_dir=self.cache_dir)
+                           stopping_strategy=self.stopping_strategy, num_proc=self.num_proc,
+                           cache_dir=self.cache_dir)
 
     # ----------------------------------------------------------------- reporting
     def describe(self, skipped: bool = True) -> str:
@@ -324,8 +337,9 @@ class DialogDataModule(pl.LightningDataModule):
             return self._loader(self.train_dataset, self.batch_size, shuffle=True)
         rank, world = self._rank_world()
         return stream_loader(self.train_stream, self.batch_size, rank=rank, world=world,
-                             total_samples=self.total_samples, seed=self.seed, shuffle_buffer=self.shuffle_buffer,
-                             collator=self.collator(), num_workers=self.num_workers)
+                             total_samples=self.total_samples, seed=self.seed,
+                             shuffle_buffer=self.shuffle_buffer, collator=self.collator(),
+                             num_workers=self.num_workers)
 
     def val_dataloader(self):
         self._ready()

@@ -69,7 +69,8 @@ def stream_loader(stream, batch_size: int, *, rank: int, world: int, total_sampl
     if per_rank is not None and per_rank < batch_size:
         raise ConfigError(f"data.total_samples={total_samples} gives {per_rank} examples per rank, "
                           f"fewer than one batch of {batch_size}")
-    shard = rank_stream(stream, rank=rank, world_size=world, per_rank=per_rank, seed=seed, buffer_size=shuffle_buffer)
+    shard = rank_stream(stream, rank=rank, world_size=world, per_rank=per_rank, seed=seed,
+                        buffer_size=shuffle_buffer)
     return DataLoader(
         StreamingExamples(shard, per_rank),
         batch_size=batch_size,

@@ -40,7 +40,8 @@ StoppingStrategy = Literal["all_exhausted", "first_exhausted"]
 
 
 def apportion(total: int, weights: Sequence[float]) -> list[int]:
-    """Split ``total`` into integer counts proportional to ``weights`` (largest remainder; sums to ``total``)."""
+    """Split ``total`` into integer counts proportional to ``weights`` (largest remainder; sums to
+    ``total``)."""
     if total < 0:
         raise ValueError(f"total must be >= 0, got {total}")
     w = np.asarray(weights, dtype=np.float64)
@@ -143,8 +144,8 @@ class _SourceBuilder:
 
     def examples(self, source: DataSource, split: str, **kwargs: Any) -> ExampleBuilder:
         st = self.settings
-        return ExampleBuilder(self.template, source, st.canvas, st.max_length, st.train_turns, st.strict, split,
-                              **kwargs)
+        return ExampleBuilder(self.template, source, st.canvas, st.max_length, st.train_turns, st.strict,
+                              split, **kwargs)
 
     def count_and_keep(self, processed, where: str, fingerprint: str):
         """Count the skip rows of a processed split by reason, and return the examples only."""
@@ -293,8 +294,10 @@ def build_mix(sources: Sequence[DataSource], template: ChatTemplate, settings: M
     builder = _SourceBuilder(template, settings, skipped)
     trains, vals, info = [], [], []
     for source in sources:
-        raw = load_raw(source, cache_dir=settings.cache_dir, strict=settings.strict,
-                       on_skip=lambda reason, n, label=source.label: skipped.add(f"{label}/train", reason, n=n))
+        def on_skip(reason: str, n: int, label: str = source.label) -> None:
+            skipped.add(f"{label}/train", reason, n=n)
+
+        raw = load_raw(source, cache_dir=settings.cache_dir, strict=settings.strict, on_skip=on_skip)
         train, val = (builder.stream_source if source.streaming else builder.map_source)(raw, source)
         trains.append(train)
         if val is not None and len(val):
@@ -317,9 +320,10 @@ def describe_mix(summary: dict, skipped: Optional[SkipSummary] = None) -> str:
     lines = [f"training mix: {size} examples ({'streaming' if s['streaming'] else 'map-style'}), "
              f"{s['validation_examples']} validation examples"]
     for entry in s["sources"]:
-        share = entry["train_examples"] if entry["train_examples"] is not None else f"weight {entry['weight']}"
-        lines.append(f"  {entry['name']} [{entry['language']}]: {share} train, {entry['validation_examples']} "
-                     "validation")
+        share = entry["train_examples"]
+        share = share if share is not None else f"weight {entry['weight']}"
+        lines.append(f"  {entry['name']} [{entry['language']}]: {share} train, "
+                     f"{entry['validation_examples']} validation")
     if skipped is not None:
         lines.append(skipped.describe())
     return "\n".join(lines)

@@ -19,7 +19,8 @@ __all__ = ["SKIP_REASONS", "BadRecordError", "SkipSummary"]
 
 # reason -> what it means. Order: record shape, then message fields, then dialog structure, then length.
 SKIP_REASONS: dict[str, str] = {
-    "non_utf8": "the record's line in a JSON Lines file is not valid UTF-8 (strict mode names the byte offset)",
+    "non_utf8": "the record's line in a JSON Lines file is not valid UTF-8 (strict mode names the byte "
+                "offset)",
     "missing_column": "the record has no field holding the messages (or the prompt/response column)",
     "malformed_messages": "the messages field is not a list of message objects",
     "empty_conversation": "the message list is empty (or a chatterbot dialog has no answered line)",
@@ -40,7 +41,8 @@ SKIP_REASONS: dict[str, str] = {
 class BadRecordError(ConfigError):
     """Raised in ``strict`` mode on the first bad record, naming the source, split and record index."""
 
-    def __init__(self, source: str, split: str, index: int, reason: str, detail: str = "", record: str = "") -> None:
+    def __init__(self, source: str, split: str, index: int, reason: str, detail: str = "",
+                 record: str = "") -> None:
         self.source, self.split, self.index, self.reason, self.detail, self.record = (
             source, split, index, reason, detail, record)
         message = f"bad record {index} in data source {source!r} ({split}): {reason}"
@@ -48,7 +50,8 @@ class BadRecordError(ConfigError):
             message += f" ({detail})"
         if record:
             message += f"; record: {record}"
-        super().__init__(message + ". Fix the record, or set data.strict=false to skip and count such records.")
+        super().__init__(message + ". Fix the record, or set data.strict=false to skip and count such "
+                                   "records.")
 
     def __reduce__(self):
         return (type(self), (self.source, self.split, self.index, self.reason, self.detail, self.record))
@@ -75,11 +78,13 @@ class SkipSummary:
         return new
 
     def count(self, reason: Optional[str] = None, where: Optional[str] = None, partial: bool = False) -> int:
-        """Skips matching ``reason`` and/or ``where`` (``source/split``, or a source label for both splits)."""
+        """Skips matching ``reason`` and/or ``where`` (``source/split``, or a source label for both
+        splits)."""
         counter = self.turns if partial else self.records
         return sum(
             n for (w, r), n in counter.items()
-            if (reason is None or r == reason) and (where is None or w == where or w.rsplit("/", 1)[0] == where)
+            if (reason is None or r == reason)
+            and (where is None or w == where or w.rsplit("/", 1)[0] == where)
         )
 
     @property
@@ -105,6 +110,7 @@ class SkipSummary:
         lines = [f"{self.total} record(s) skipped:"]
         lines += [f"  {where}: {reason} x{n}" for (where, reason), n in sorted(self.records.items())]
         if self.turns:
-            lines.append(f"{sum(self.turns.values())} answer turn(s) dropped from records that gave other examples:")
+            lines.append(f"{sum(self.turns.values())} answer turn(s) dropped from records that gave other "
+                         "examples:")
             lines += [f"  {where}: {reason} x{n}" for (where, reason), n in sorted(self.turns.items())]
         return "\n".join(lines)

@@ -84,5 +84,6 @@ class StreamingExamples(torch.utils.data.IterableDataset):
 
     def __len__(self) -> int:
         if self.length is None:
-            raise TypeError("an endless stream has no length (set data.total_samples for epochs of known size)")
+            raise TypeError("an endless stream has no length (set data.total_samples for epochs of known "
+                            "size)")
         return self.length

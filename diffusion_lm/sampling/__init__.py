@@ -40,7 +40,14 @@ from .policies import (
     schedule_counts,
     truncated_log_probs,
 )
-from .processors import PROCESSORS, EosPolicy, LogitsProcessor, RepetitionGuard, SuppressTokens, resolve_processor
+from .processors import (
+    PROCESSORS,
+    EosPolicy,
+    LogitsProcessor,
+    RepetitionGuard,
+    SuppressTokens,
+    resolve_processor,
+)
 from .spans import DEFAULT_MASK_SLOTS, parse_spans, spans_to_ids
 from .trajectory import Trajectory, TrajectoryStep, render_trajectory_html, render_trajectory_text
 
@@ -53,7 +60,8 @@ __all__ = [
     "Selector", "ScheduleSelector", "ThresholdSelector", "schedule_counts",
     "Remasker", "NoRemasker", "RemdmRemasker",
     "LogitsProcessor", "EosPolicy", "RepetitionGuard", "SuppressTokens",
-    "PROPOSERS", "SCORERS", "WINDOWS", "SELECTORS", "REMASKERS", "PROCESSORS", "resolve_policy", "resolve_processor",
+    "PROPOSERS", "SCORERS", "WINDOWS", "SELECTORS", "REMASKERS", "PROCESSORS", "resolve_policy",
+           "resolve_processor",
     "parse_spans", "spans_to_ids", "DEFAULT_MASK_SLOTS",
     "Trajectory", "TrajectoryStep", "render_trajectory_html", "render_trajectory_text",
     "repeated_ngram_rate", "longest_run", "repetition_summary",

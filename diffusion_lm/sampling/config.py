@@ -71,7 +71,8 @@ def check_options(**values: Any) -> None:
 
 def _quality_proposer() -> dict[str, Any]:
     # A class_path dict rather than an instance: jsonargparse only accepts such defaults for subclass types.
-    return {"class_path": f"{SampleProposer.__module__}.SampleProposer", "init_args": {"temperature": 0.7, "top_p": 0.9}}
+    return {"class_path": f"{SampleProposer.__module__}.SampleProposer",
+            "init_args": {"temperature": 0.7, "top_p": 0.9}}
 
 
 def _default_processors() -> list[Union[str, LogitsProcessor]]:
@@ -121,7 +122,8 @@ class SamplerConfig:
     def logits_processors(self, *, eos_policy: bool = True) -> list[LogitsProcessor]:
         """The processors to run, suppression first; ``eos_policy=False`` drops :class:`EosPolicy`."""
         out: list[LogitsProcessor] = [SuppressTokens(self.suppress_tokens)] if self.suppress_tokens else []
-        out += [p for p in self.processors if eos_policy or not isinstance(p, EosPolicy)]  # type: ignore[misc]
+        # type: ignore[misc]
+        out += [p for p in self.processors if eos_policy or not isinstance(p, EosPolicy)]
         return out
 
     def replace(self, **changes: Any) -> "SamplerConfig":
@@ -129,7 +131,8 @@ class SamplerConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able description (stored in ``diffusion_config.json`` by export); :meth:`from_dict` reverses it."""
+        """JSON-able description (stored in ``diffusion_config.json`` by export); :meth:`from_dict` reverses
+        it."""
         return {
             "proposer": self.proposer.to_dict(),  # type: ignore[union-attr]
             "scorer": self.scorer.to_dict(),  # type: ignore[union-attr]
@@ -148,7 +151,8 @@ class SamplerConfig:
         preset = data.pop("preset", None)
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise ConfigError(f"unknown sampler field(s) {sorted(unknown)}; valid: {[f.name for f in dataclasses.fields(cls)]}")
+            raise ConfigError(f"unknown sampler field(s) {sorted(unknown)}; valid: "
+                              f"{[f.name for f in dataclasses.fields(cls)]}")
         return cls.preset(preset, **data) if preset else cls(**data)
 
     @classmethod
@@ -223,7 +227,8 @@ PRESETS: dict[str, Any] = {
 
 
 # ------------------------------------------------------------------------------------- resolving
-def load_sampler_spec(spec: Union[SamplerSpec, Mapping[str, Any], SamplerConfig]) -> Union[None, str, dict, SamplerConfig]:
+def load_sampler_spec(spec: Union[SamplerSpec, Mapping[str, Any],
+                                  SamplerConfig]) -> Union[None, str, dict, SamplerConfig]:
     """``--sampler``: a YAML/JSON file, an inline YAML mapping (``{preset: fast, window: full}``), a
     preset name, a mapping, or a :class:`SamplerConfig`; returned as a name, mapping or config."""
     if spec is None or isinstance(spec, (SamplerConfig, dict)):
@@ -246,8 +251,8 @@ def load_sampler_spec(spec: Union[SamplerSpec, Mapping[str, Any], SamplerConfig]
     if data is None:
         raise ConfigError(f"{where}: empty sampler config")
     if not isinstance(data, (str, dict)):
-        raise ConfigError(f"{where}: a sampler config must be a mapping of SamplerConfig fields (or a preset name), "
-                          f"got {type(data).__name__}")
+        raise ConfigError(f"{where}: a sampler config must be a mapping of SamplerConfig fields (or a preset "
+                          f"name), got {type(data).__name__}")
     return data
 
 
@@ -320,11 +325,13 @@ def _flag_changes(config: SamplerConfig, *, steps: Optional[int], temperature: O
         raise ConfigError("--steps (fixed number of forwards) and --threshold (confidence threshold) choose "
                           "different selectors; give one of them")
     if steps is not None:
-        changes["selector"] = ScheduleSelector(steps=steps, schedule=getattr(config.selector, "schedule", None))
+        changes["selector"] = ScheduleSelector(steps=steps,
+                                               schedule=getattr(config.selector, "schedule", None))
     if threshold is not None:
         changes["selector"] = ThresholdSelector(threshold)
     if block_size is not None:
         changes["window"] = BlockWindow(block_size)
     if temperature is not None or top_p is not None or top_k is not None:
-        changes["proposer"] = _proposer_for(config.proposer, temperature, top_p, top_k)  # type: ignore[arg-type]
+        # type: ignore[arg-type]
+        changes["proposer"] = _proposer_for(config.proposer, temperature, top_p, top_k)
     return changes

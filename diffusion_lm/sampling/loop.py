@@ -39,7 +39,8 @@ from .policies import NoRemasker
 from .step import Canvas, GenerationStats, RowStats, advance_row, decide, forward, rows_of
 from .trajectory import Trajectory
 
-__all__ = ["Denoiser", "StepHook", "RowStats", "GenerationStats", "GenerationResult", "generate", "infill", "row_seed"]
+__all__ = ["Denoiser", "StepHook", "RowStats", "GenerationStats", "GenerationResult", "generate", "infill",
+           "row_seed"]
 
 # on_step(rows, ids): after each denoiser forward, the rows that took part and their current ids.
 StepHook = Callable[[list[int], list[list[int]]], None]
@@ -83,14 +84,16 @@ def _infer_device(denoiser: Denoiser, device: Union[None, str, torch.device]) ->
 
 def _as_rows(rows: Sequence[Sequence[int]], what: str) -> list[list[int]]:
     if isinstance(rows, torch.Tensor):
-        raise ConfigError(f"{what} must be a list of id lists (rows may differ in length), not a tensor; use .tolist()")
+        raise ConfigError(f"{what} must be a list of id lists (rows may differ in length), not a tensor; use "
+                          ".tolist()")
     if not isinstance(rows, Sequence) or isinstance(rows, (str, bytes)) or len(rows) == 0:
-        raise ConfigError(f"{what} must be a non-empty list of token-id lists, got {type(rows).__name__} of length "
-                          f"{len(rows) if hasattr(rows, '__len__') else '?'}")
+        raise ConfigError(f"{what} must be a non-empty list of token-id lists, got {type(rows).__name__} of "
+                          f"length {len(rows) if hasattr(rows, '__len__') else '?'}")
     out = []
     for i, row in enumerate(rows):
         if isinstance(row, (str, bytes)) or not isinstance(row, (Sequence, torch.Tensor)):
-            raise ConfigError(f"{what}[{i}] must be a list of token ids (tokenize text first), got {type(row).__name__}")
+            raise ConfigError(f"{what}[{i}] must be a list of token ids (tokenize text first), got "
+                              f"{type(row).__name__}")
         out.append([int(t) for t in row])
     return out
 
@@ -126,7 +129,8 @@ def generate(
         canvas_length: answer slots per row.
         sampler: a :class:`SamplerConfig`, a preset name (``quality``, ``fast``, ``greedy``), a
             mapping (``SamplerConfig.from_dict``), or None for the default (= ``quality``).
-        seed: base seed; row ``i`` draws from ``row_seed(seed, i)``. None draws a fresh one (see ``result.seed``).
+        seed: base seed; row ``i`` draws from ``row_seed(seed, i)``. None draws a fresh one (see
+            ``result.seed``).
             A list gives each row its own seed: row ``i`` draws from ``row_seed(seed[i], 0)``, exactly
             what a one-row call with ``seed=seed[i]`` draws, so a row's answer does not depend on the
             rows it is batched with (e.g. requests grouped by a server).
@@ -245,14 +249,17 @@ def _decode(
     size = max_batch_size or n
     sequences: list[list[int]] = [[] for _ in range(n)]
     row_stats: list[RowStats] = [RowStats() for _ in range(n)]
-    trajectories = [Trajectory(list(r), s, mask_id) for r, s in zip(rows, starts)] if return_trajectory else None
+    trajectories = [Trajectory(list(r), s, mask_id) for r,
+                    s in zip(rows, starts)] if return_trajectory else None
     total = GenerationStats()
     t_call = time.perf_counter()
     for lo in range(0, n, size):
         chunk = list(range(lo, min(n, lo + size)))
         _decode_chunk(
-            denoiser, chunk, rows, editable, region, config, processors, sequences, row_stats, trajectories, total,
-            mask_id=mask_id, eos_id=eos_id, pad_id=pad_id, stop_on_eos=stop_on_eos, row_seeds=seeds, device=dev,
+            denoiser, chunk, rows, editable, region, config, processors, sequences, row_stats, trajectories,
+                      total,
+            mask_id=mask_id, eos_id=eos_id, pad_id=pad_id, stop_on_eos=stop_on_eos, row_seeds=seeds,
+                      device=dev,
             on_step=on_step,
         )
     total.seconds = time.perf_counter() - t_call
@@ -285,8 +292,8 @@ def _decode_chunk(
     on_step: Optional[StepHook],
 ) -> None:
     """Decode the rows ``chunk`` together until every row is done (see :mod:`~diffusion_lm.sampling.step`)."""
-    canvas = Canvas.build(chunk, rows, editable_rows, region_rows, row_stats, config.remasker, mask_id=mask_id,
-                          pad_id=pad_id)
+    canvas = Canvas.build(chunk, rows, editable_rows, region_rows, row_stats, config.remasker,
+                          mask_id=mask_id, pad_id=pad_id)
     needs_confidence = not isinstance(config.remasker, NoRemasker)
     active = canvas.pending()
     max_forwards = canvas.max_forwards()
@@ -294,7 +301,8 @@ def _decode_chunk(
         if not active:
             break
         if n_forward == max_forwards:
-            raise RuntimeError("sampler did not terminate within its step bound (a selector committed nothing?)")
+            raise RuntimeError("sampler did not terminate within its step bound (a selector committed "
+                               "nothing?)")
         step = forward(denoiser, canvas, active, config, device=device, row_seeds=row_seeds, total=total,
                        mask_id=mask_id, eos_id=eos_id, pad_id=pad_id)
         decisions = decide(step, config, processors, needs_confidence)

@@ -83,7 +83,8 @@ class SuppressTokens(LogitsProcessor):
         if self.token_ids:
             if max(self.token_ids) >= logits.shape[-1] or min(self.token_ids) < 0:
                 raise ConfigError(
-                    f"suppress_tokens {self.token_ids} contains ids outside the vocabulary (size {logits.shape[-1]})"
+                    f"suppress_tokens {self.token_ids} contains ids outside the vocabulary (size "
+                    f"{logits.shape[-1]})"
                 )
             logits[:, torch.tensor(self.token_ids, device=logits.device)] = float("-inf")
         return logits
@@ -215,7 +216,8 @@ class RepetitionGuard(LogitsProcessor):
 
     def _block_ngrams(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         n = self.ngram_size
-        usable = (ctx.known_cpu & ctx.region_cpu & (ctx.ids_cpu != ctx.eos_id) & (ctx.ids_cpu != ctx.pad_id)).tolist()
+        ids_cpu = ctx.ids_cpu
+        usable = (ctx.known_cpu & ctx.region_cpu & (ids_cpu != ctx.eos_id) & (ids_cpu != ctx.pad_id)).tolist()
         ids = ctx.ids_cpu.tolist()
         indexes: dict[int, dict[tuple, set[int]]] = {}
         banned_rows: list[int] = []
@@ -246,7 +248,8 @@ class _RepetitionChecker(StepChecker):
     """Same-step rules of :class:`RepetitionGuard`: no identical left/right neighbours committed
     together, and no n-gram completed twice by tokens committed together."""
 
-    def __init__(self, guard: RepetitionGuard, ids: list[int], usable: list[bool], eos_id: int, pad_id: int) -> None:
+    def __init__(self, guard: RepetitionGuard, ids: list[int], usable: list[bool], eos_id: int,
+                 pad_id: int) -> None:
         self.adjacent = guard.no_adjacent_duplicates
         self.n = guard.ngram_size
         self.ids, self.usable = list(ids), list(usable)
@@ -259,7 +262,8 @@ class _RepetitionChecker(StepChecker):
             return False
         if self.n >= 2 and token not in self.specials:
             grams = list(_grams_through(self.ids, self.usable, pos, self.n))
-            return not (any(token in self.index.get(key, ()) for key in grams) or _repeats_itself(grams, token))
+            return not (any(token in self.index.get(key,
+                                                    ()) for key in grams) or _repeats_itself(grams, token))
         return True
 
     def accept(self, pos: int, token: int) -> None:
@@ -273,7 +277,8 @@ class _RepetitionChecker(StepChecker):
 
 
 def _grams_through(ids: list[int], usable: list[bool], pos: int, n: int) -> Iterator[tuple[int, tuple]]:
-    """``(offset j, the other n-1 tokens)`` of every n-gram through ``pos`` whose other tokens are all known."""
+    """``(offset j, the other n-1 tokens)`` of every n-gram through ``pos`` whose other tokens are all
+    known."""
     w = len(ids)
     for j in range(n):
         start = pos - j
@@ -330,5 +335,6 @@ def resolve_processor(spec: Any) -> LogitsProcessor:
         except TypeError as err:
             raise ConfigError(f"bad arguments for logits processor {spec!r}: {err}") from None
     raise ConfigError(
-        f"logits processor must be a name ({', '.join(PROCESSORS)}) or a LogitsProcessor instance, got {type(spec).__name__}"
+        f"logits processor must be a name ({', '.join(PROCESSORS)}) or a LogitsProcessor instance, got "
+        f"{type(spec).__name__}"
     )

@@ -132,7 +132,8 @@ class Canvas:
             editable[r, :n] = torch.tensor(editable_rows[g], dtype=torch.bool)
             region[r, :n] = torch.tensor(region_rows[g], dtype=torch.bool)
         ids[editable] = mask_id
-        states = [RowState(int(editable[r].sum()), remasker.start_row(int(editable[r].sum()))) for r in range(b)]
+        states = [RowState(int(editable[r].sum()),
+                           remasker.start_row(int(editable[r].sum()))) for r in range(b)]
         for r, g in enumerate(chunk):
             states[r].stats = row_stats[g]
         return cls(list(chunk), lengths, ids, attn, editable, region, editable.clone(),
@@ -191,8 +192,9 @@ def _generators(canvas: Canvas, active: list[int], row_seeds: list[int], device:
     return [canvas.generators[r] for r in active]
 
 
-def forward(denoiser: Denoiser, canvas: Canvas, active: list[int], config: SamplerConfig, *, device: torch.device,
-            row_seeds: list[int], total: GenerationStats, mask_id: int, eos_id: int, pad_id: int) -> Step:
+def forward(denoiser: Denoiser, canvas: Canvas, active: list[int], config: SamplerConfig, *,
+            device: torch.device, row_seeds: list[int], total: GenerationStats, mask_id: int, eos_id: int,
+            pad_id: int) -> Step:
     """Query the masked slots of the active rows' windows and call the denoiser once."""
     sel = torch.tensor(active)
     w = max(canvas.lengths[r] for r in active)  # trim the batch padding of rows that finished
@@ -214,9 +216,11 @@ def forward(denoiser: Denoiser, canvas: Canvas, active: list[int], config: Sampl
     total.row_forwards += len(active)
     ldev = logits.device
     ctx = StepContext(
-        ids=s_ids.to(ldev), attention_mask=s_attn.to(ldev), editable=s_edit.to(ldev), masked=s_masked.to(ldev),
+        ids=s_ids.to(ldev), attention_mask=s_attn.to(ldev), editable=s_edit.to(ldev),
+                      masked=s_masked.to(ldev),
         region=s_region.to(ldev), query=query.to(ldev), q_rows=q_rows_cpu.to(ldev), q_pos=q_pos_cpu.to(ldev),
-        mask_id=mask_id, eos_id=eos_id, pad_id=pad_id, generators=_generators(canvas, active, row_seeds, ldev),
+        mask_id=mask_id, eos_id=eos_id, pad_id=pad_id,
+                      generators=_generators(canvas, active, row_seeds, ldev),
         ids_cpu=s_ids, region_cpu=s_region, known_cpu=s_attn.bool() & ~s_masked,
     )
     return Step(active, w, ctx, logits, in_window, window_ids.tolist(), counts, q_pos_cpu.tolist())
@@ -344,8 +348,8 @@ def stop_at_eos(canvas: Canvas, r: int, eos_id: int, pad_id: int, record: Option
     canvas.masked[r, tail] = False
 
 
-def remask(canvas: Canvas, step: Step, row: _Row, remasker: Remasker, committed_now: set[int], *, mask_id: int,
-           eos_id: int, pad_id: int, record: Optional[TrajectoryStep]) -> None:
+def remask(canvas: Canvas, step: Step, row: _Row, remasker: Remasker, committed_now: set[int], *,
+           mask_id: int, eos_id: int, pad_id: int, record: Optional[TrajectoryStep]) -> None:
     """Let the remasker re-open low-confidence committed slots of the row's current window."""
     r, st = row.r, canvas.states[row.r]
     in_win = torch.zeros(canvas.width, dtype=torch.bool)
@@ -383,8 +387,8 @@ def advance_row(canvas: Canvas, step: Step, row: _Row, decisions: Decisions, con
     if stop_on_eos and not st.has_eos and any(row.tok[i] == eos_id for i in chosen):
         stop_at_eos(canvas, r, eos_id, pad_id, record)
     if not isinstance(config.remasker, NoRemasker) and not st.has_eos:
-        remask(canvas, step, row, config.remasker, committed_now, mask_id=mask_id, eos_id=eos_id, pad_id=pad_id,
-               record=record)
+        remask(canvas, step, row, config.remasker, committed_now, mask_id=mask_id, eos_id=eos_id,
+               pad_id=pad_id, record=record)
     if record is not None:
         trajectory.steps.append(record)  # type: ignore[union-attr]
     if bool(canvas.masked[r].any()):
