@@ -48,24 +48,13 @@ __all__ = [
 
 
 # ------------------------------------------------------------------------------------- the sampler
-def build_sampler(
-    preset: Optional[str] = None,
-    sampler: Union[SamplerSpec, SamplerConfig] = None,
-    *,
-    steps: Optional[int] = None,
-    temperature: Optional[float] = None,
-    top_p: Optional[float] = None,
-    top_k: Optional[int] = None,
-    block_size: Optional[int] = None,
-    threshold: Optional[float] = None,
-    model=None,
-) -> SamplerConfig:
-    """The sampler of a command (:meth:`SamplerConfig.resolve`): ``preset`` (default ``quality``, or the
-    export's default), then the ``sampler`` file/mapping on top of it, then the individual flags on top
-    of both; a preset name means the copy stored in ``model``'s export folder when it has one."""
-    return SamplerConfig.resolve(preset, sampler, steps=steps, temperature=temperature, top_p=top_p,
-                                 top_k=top_k, block_size=block_size, threshold=threshold,
-                                 stored=stored_sampler(model))
+def build_sampler(preset: Optional[str] = None, sampler: Union[SamplerSpec, SamplerConfig] = None, *,
+                  model=None, **flags: Any) -> SamplerConfig:
+    """The sampler of a command: :meth:`SamplerConfig.resolve` (``preset``, then the ``sampler``
+    file/mapping on top of it, then the single ``flags`` -- ``steps``, ``temperature``, ``top_p``,
+    ``top_k``, ``block_size``, ``threshold`` -- on top of both), where a preset name means the copy
+    stored in ``model``'s export folder when it has one (and its default preset is the default)."""
+    return SamplerConfig.resolve(preset, sampler, stored=stored_sampler(model), **flags)
 
 
 # -------------------------------------------------------------------------------------------- prompts

@@ -7,12 +7,13 @@ the sampler falls back to that slot's unprocessed logits rather than failing.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
 from ..errors import ConfigError
 from .context import StepContext
+from .policies import Policy
 
 __all__ = [
     "LogitsProcessor",
@@ -40,14 +41,13 @@ class StepChecker:
         pass
 
 
-class LogitsProcessor:
+class LogitsProcessor(Policy):
     """Base class: ``__call__(logits [N, V], ctx) -> logits`` (may modify ``logits`` in place).
 
     A processor whose rule also constrains tokens committed together in one step returns a
-    :class:`StepChecker` from :meth:`step_checker`.
+    :class:`StepChecker` from :meth:`step_checker`. Its ``name``, ``to_dict``, ``repr`` and equality
+    are :class:`~diffusion_lm.sampling.policies.Policy`'s.
     """
-
-    name: ClassVar[str] = ""
 
     def __call__(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         raise NotImplementedError
@@ -57,18 +57,6 @@ class LogitsProcessor:
         holding answer text (known, in the repetition region, not EOS/pad)."""
         return None
 
-    def to_dict(self) -> dict[str, Any]:
-        """``{"name": ..., <constructor arguments>}``."""
-        return {"name": self.name, **{k: v for k, v in vars(self).items() if not k.startswith("_")}}
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
-        return f"{type(self).__name__}({args})"
-
-    def __eq__(self, other: object) -> bool:
-        return type(self) is type(other) and self.to_dict() == other.to_dict()  # type: ignore[attr-defined]
-
-    __hash__ = None  # type: ignore[assignment]
 
 
 class SuppressTokens(LogitsProcessor):
