@@ -430,8 +430,9 @@ class MaskedDiffusionLM(TextGeneration, pl.LightningModule):
         limit = self.hparams.get("max_nonfinite_steps", 10)
         if self._nonfinite_streak >= limit:
             callback = self.trainer.checkpoint_callback
-            last = (getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path",
-                                                                        "")) if callback else ""
+            last = ""
+            if callback:
+                last = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
             where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
             raise TrainingDiverged(
                 f"training stopped at step {self.global_step}: {self._nonfinite_streak} optimizer steps in a "

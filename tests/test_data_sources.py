@@ -26,7 +26,7 @@ from diffusion_lm.data import (
     load_raw,
     to_conversation,
 )
-from diffusion_lm.data import BadRecord
+from diffusion_lm.data.conversation import BadRecord
 from diffusion_lm.errors import ConfigError
 
 from .conftest import write_jsonl

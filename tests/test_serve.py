@@ -47,7 +47,7 @@ def user(text: str) -> list[dict]:
 
 def expected(lm: EchoLM, text: str, seed: int, canvas: int = 16, **sampler) -> str:
     """The answer of one request decoded alone (no server, no batch)."""
-    from diffusion_lm.data import Turn
+    from diffusion_lm.data.conversation import Turn
 
     rows, _ = answer_prompts(lm, [PromptRecord(0, [Turn("user", text)], text)],
                              sampler=build_sampler(**sampler), canvas_length=canvas, seed=seed, batch_size=1)

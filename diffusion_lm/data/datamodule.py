@@ -25,7 +25,8 @@ from .mix import MixSettings, StoppingStrategy, build_mix, describe_mix
 from .skips import SkipSummary
 from .sources import DataSource
 
-__all__ = ["DialogDataModule"]
+# ValidationPrompt, DEFAULT_VALIDATION_PROMPTS and SkipSummary: importable from here as before.
+__all__ = ["DialogDataModule", "ValidationPrompt", "DEFAULT_VALIDATION_PROMPTS", "SkipSummary"]
 
 log = logging.getLogger(__name__)
 
