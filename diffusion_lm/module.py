@@ -12,11 +12,6 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
-from transformers import (
-    get_constant_schedule_with_warmup,
-    get_cosine_with_min_lr_schedule_with_warmup,
-    get_linear_schedule_with_warmup,
-)
 
 from .backbone import ScratchBackbone, SparseHeadDenoiser, load_backbone
 from .callbacks import BatchComposition
@@ -517,6 +512,14 @@ class MaskedDiffusionLM(TextGeneration, pl.LightningModule):
             lr=hp.learning_rate,
             betas=tuple(hp.betas),
         )
+        # Imported here: at module level it would list transformers' optimizers among the known
+        # subclasses in `diffusion-lm fit --help`.
+        from transformers import (
+            get_constant_schedule_with_warmup,
+            get_cosine_with_min_lr_schedule_with_warmup,
+            get_linear_schedule_with_warmup,
+        )
+
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = min(hp.warmup_steps, total)
         if hp.lr_schedule == "cosine":
