@@ -96,8 +96,8 @@ def diffusion_config(model, *, weights: str = "current", data_summary: Optional[
     """The ``diffusion_config.json`` content for a :class:`~diffusion_lm.MaskedDiffusionLM`."""
     template = model.template
     hp = dict(model.hparams)
-    training = {k: _jsonable(v) for k,
-                v in hp.items() if k not in ("backbone", "schedule") and not k.startswith("_")}
+    training = {k: _jsonable(v) for k, v in hp.items()
+                if k not in ("backbone", "schedule") and not k.startswith("_")}
     return {
         "format_version": FORMAT_VERSION,
         "diffusion_lm_version": __version__,
@@ -318,8 +318,8 @@ def export_model(
     def write(tmp: Path) -> None:
         state = None
         if dtype is not None:
-            state = {k: (v.to(dtype) if v.is_floating_point() else v) for k,
-                     v in hf_model.state_dict().items()}
+            state = {k: (v.to(dtype) if v.is_floating_point() else v)
+                     for k, v in hf_model.state_dict().items()}
         hf_model.save_pretrained(tmp, state_dict=state)
         if dtype is not None:
             config_path = tmp / "config.json"

@@ -92,8 +92,8 @@ def test_a_packed_row_computes_what_separate_rows_compute(folders, tmp_path, fam
     for i, e in enumerate(examples):
         rows[i, : len(e)], mask[i, : len(e)] = e, 1
     packed = torch.cat(examples + [torch.full((3,), tokenizer.pad_token_id)])[None]
-    segments = torch.cat([torch.full((len(e),), i + 1) for i,
-                          e in enumerate(examples)] + [torch.zeros(3)]).long()[None]
+    pieces = [torch.full((len(e),), i + 1) for i, e in enumerate(examples)]
+    segments = torch.cat(pieces + [torch.zeros(3)]).long()[None]
     with torch.no_grad():
         separate = net(rows, mask, mask.bool())
         together = net(packed, segments, segments > 0)

@@ -23,8 +23,8 @@ class GradCapture(pl.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if trainer.global_step == 0 and trainer.global_rank == 0:
-            grads = {n: p.grad.detach().clone() for n,
-                     p in pl_module.named_parameters() if p.grad is not None}
+            grads = {n: p.grad.detach().clone()
+                     for n, p in pl_module.named_parameters() if p.grad is not None}
             torch.save(grads, self.path)
 
 

@@ -241,8 +241,8 @@ def test_per_row_seeds_make_each_answer_independent_of_its_batch():
     assert chunked.ids == batched.ids
     rows = [[BOS, 7, MASK, MASK, 9], [BOS, MASK, MASK, MASK, 10]]
     filled = infill(TableToy(), rows, sampler=sampler, seed=[4, 8], **SPECIAL)
-    assert [infill(TableToy(), [r], sampler=sampler, seed=s, **SPECIAL).ids[0] for r,
-            s in zip(rows, [4, 8])] == filled.ids
+    assert [infill(TableToy(), [r], sampler=sampler, seed=s, **SPECIAL).ids[0]
+            for r, s in zip(rows, [4, 8])] == filled.ids
     with pytest.raises(ConfigError, match="2 seeds for 4 rows"):
         generate(TableToy(), prompts, seed=[1, 2], **SPECIAL)
     with pytest.raises(ConfigError, match="seed must be an int"):

@@ -204,8 +204,8 @@ class ExampleBuilder:
     def _records_examples(self, records: Sequence[dict], indices: Sequence[int]):
         """``record_examples`` for many records, tokenising all their turns in one tokenizer call."""
         adapted = [self._adapt(r, i) for r, i in zip(records, indices)]
-        texts = [t.content for conv,
-                 targets in adapted if conv is not None for t in conv.turns[: max(targets) + 1]]
+        texts = [t.content for conv, targets in adapted if conv is not None
+                 for t in conv.turns[: max(targets) + 1]]
         try:
             encoded = self.template.encode_texts(texts)
         except Exception:  # noqa: BLE001 - find the record at fault one by one below
@@ -272,8 +272,10 @@ class ExampleBuilder:
                 raise BadRecordError(self.label, self.split, index, reason, detail, _snippet(record))
             # A record that gave examples loses only the dropped answers (each counted as a turn); one
             # that gave none is one skipped record, counted under its first reason.
-            skips = [(reason, True) for reason,
-                     _ in drops] if examples else [(drops[0][0], False)] if drops else []
+            if examples:
+                skips = [(reason, True) for reason, _ in drops]
+            else:
+                skips = [(drops[0][0], False)] if drops else []
             for reason, partial in skips:
                 if self.stream:
                     self._pending.append(skip_key(self.where, reason, partial))

@@ -249,8 +249,9 @@ def _decode(
     size = max_batch_size or n
     sequences: list[list[int]] = [[] for _ in range(n)]
     row_stats: list[RowStats] = [RowStats() for _ in range(n)]
-    trajectories = [Trajectory(list(r), s, mask_id) for r,
-                    s in zip(rows, starts)] if return_trajectory else None
+    trajectories = None
+    if return_trajectory:
+        trajectories = [Trajectory(list(r), s, mask_id) for r, s in zip(rows, starts)]
     total = GenerationStats()
     t_call = time.perf_counter()
     for lo in range(0, n, size):

@@ -256,8 +256,8 @@ class RandomScorer(Scorer):
     name = "random"
 
     def score(self, logits: torch.Tensor, proposals: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        parts = [torch.rand(n, generator=g, device=logits.device) for n,
-                 g in zip(ctx.rows_counts, ctx.generators)]
+        parts = [torch.rand(n, generator=g, device=logits.device)
+                 for n, g in zip(ctx.rows_counts, ctx.generators)]
         return torch.cat(parts)
 
 

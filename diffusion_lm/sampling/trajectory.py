@@ -172,8 +172,8 @@ def render_trajectory_html(
         title = titles[i] if titles is not None and i < len(titles) else f"row {i}"
         body.append(f"<h2>{html.escape(title)} ({len(traj.steps)} steps)</h2>")
         for label, tokens in _frames(traj, decode, hide_ids):
-            spans = html.escape(sep).join(f'<span class="{kind}">{html.escape(text)}</span>' for text,
-                                          kind in tokens)
+            spans = html.escape(sep).join(f'<span class="{kind}">{html.escape(text)}</span>'
+                                          for text, kind in tokens)
             body.append(f'<div class="step"><span class="label">{html.escape(label)}</span>{spans}</div>')
     page = (
         '<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>diffusion_lm trajectory</title>'
