@@ -1,4 +1,4 @@
-# The two commands of the README: `make demo` and `make test`. Each creates .venv if missing.
+# The two commands of the README: `make demo` and `make test` (ruff, then pytest). Each creates .venv if missing.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -30,6 +30,7 @@ demo: $(STAMP)
 		--prompt "Привет!" --prompt "Как дела?" --prompt "Ты пьешь?" --prompt "Биржа"
 
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest
 
 clean:

@@ -1,16 +1,16 @@
 """diffusion_lm: turn pretrained BERT-like encoders into masked-diffusion text generators."""
 
-from .backbone import Backbone, ScratchBackbone, load_backbone
+from .backbone import Backbone, LoadedBackbone, ScratchBackbone, SparseHeadDenoiser, load_backbone
 from .data import CanvasPolicy, ChatTemplate, Conversation, DataSource, DialogDataModule, Turn
 from .errors import ConfigError
-from .export import export_checkpoint, export_model, load_exported
+from .export import export_checkpoint, export_model
 from .health import MLMHealthCheck, mlm_health
-from .module import MaskedDiffusionLM, load_model
+from .loading import load_exported, load_model
+from .module import MaskedDiffusionLM
 from .objective import masked_diffusion_nelbo
 from .sampling import SamplerConfig, generate, infill
 from .schedules import CosineSchedule, LogLinearSchedule, NoiseSchedule, PolynomialSchedule, stratified_times
-
-__version__ = "0.1.0"
+from .version import __version__ as __version__
 
 __all__ = [
     "Backbone",
@@ -21,6 +21,7 @@ __all__ = [
     "CosineSchedule",
     "DataSource",
     "DialogDataModule",
+    "LoadedBackbone",
     "LogLinearSchedule",
     "MLMHealthCheck",
     "MaskedDiffusionLM",
@@ -28,6 +29,7 @@ __all__ = [
     "PolynomialSchedule",
     "SamplerConfig",
     "ScratchBackbone",
+    "SparseHeadDenoiser",
     "Turn",
     "export_checkpoint",
     "export_model",

@@ -1,10 +1,11 @@
 """Loading encoders and computing logits only where they are needed.
 
 A backbone is a Hugging Face masked-LM (``AutoModelForMaskedLM``) from the hub, a local folder, or a
-:class:`ScratchBackbone` config (a model built from scratch, for the demo and tests). The
-:class:`Backbone` module splits it into the encoder body and the LM head so the head runs only on
-the hidden states of the positions being scored: full-vocabulary logits everywhere would cost
-~3 GB per fp32 copy at L=1024 for mmBERT's 256k vocabulary (dLLM and MDLM do).
+:class:`ScratchBackbone` config (a model built from scratch, for the demo and tests);
+:func:`load_backbone` returns it as a :class:`LoadedBackbone`. The :class:`SparseHeadDenoiser`
+module splits it into the encoder body and the LM head so the head runs only on the hidden states
+of the positions being scored: full-vocabulary logits everywhere would cost ~3 GB per fp32 copy at
+L=1024 for mmBERT's 256k vocabulary (dLLM and MDLM do).
 
 Families (see ``docs/models.md``):
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -41,6 +43,8 @@ __all__ = [
     "ScratchBackbone",
     "Backbone",
     "BackboneSpec",
+    "LoadedBackbone",
+    "SparseHeadDenoiser",
     "PACKING_ATTENTION",
     "DEMO_TOKENIZER",
     "FAMILIES",
@@ -84,6 +88,26 @@ class ScratchBackbone:
 BackboneSpec = Union[str, ScratchBackbone]
 
 
+@dataclass(frozen=True)
+class LoadedBackbone:
+    """What :func:`load_backbone` returns.
+
+    Attributes:
+        model: the Hugging Face masked LM (in train mode; its config has pad/eos/bos/mask ids).
+        tokenizer: its tokenizer, with the mask, pad and end tokens the framework needs.
+        fresh_head: True when the checkpoint had no MLM head (e.g. FRIDA), so the head is untrained.
+
+    It unpacks as ``model, tokenizer = load_backbone(...)``.
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    fresh_head: bool = False
+
+    def __iter__(self):
+        return iter((self.model, self.tokenizer))
+
+
 # ----------------------------------------------------------------------------- T5 encoder + MLM head
 class T5MaskedLMHead(nn.Module):
     """BERT-style prediction head for a T5 encoder: dense -> GELU -> RMSNorm -> scaled tied decoder.
@@ -118,7 +142,8 @@ class T5EncoderForMaskedLM(T5PreTrainedModel):
     that import to load an exported T5-family model (there is no T5 masked-LM class upstream).
     """
 
-    _tied_weights_keys = {"encoder.embed_tokens.weight": "shared.weight", "lm_head.decoder.weight": "shared.weight"}
+    _tied_weights_keys = {"encoder.embed_tokens.weight": "shared.weight",
+                          "lm_head.decoder.weight": "shared.weight"}
     # A full T5 checkpoint also carries a decoder stack and a seq2seq LM head: not ours.
     _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^lm_head\.weight$"]
     config_class = T5Config
@@ -169,13 +194,15 @@ class T5EncoderForMaskedLM(T5PreTrainedModel):
         **kwargs: Any,
     ) -> MaskedLMOutput:
         """Logits ``[B, L, V]`` at every position (and the MLM loss when ``labels`` are given)."""
-        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs)
+        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                           **kwargs)
         logits = self.lm_head(out.last_hidden_state)
         loss = None
         if labels is not None:
             flat = logits.float().view(-1, logits.shape[-1])
             loss = nn.functional.cross_entropy(flat, labels.view(-1), ignore_index=-100)
-        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
+        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                              attentions=out.attentions)
 
 
 # exist_ok=True: transformers silently skips registering a native config class otherwise.
@@ -231,7 +258,8 @@ def segment_positions(segments: torch.Tensor) -> torch.Tensor:
 def _embeds_like(m: nn.Module, segments: torch.Tensor) -> torch.Tensor:
     """A zero-width stand-in for ``inputs_embeds``: transformers' mask helpers read only its shape,
     dtype and device."""
-    return torch.empty(*segments.shape, 0, dtype=m.get_input_embeddings().weight.dtype, device=segments.device)
+    return torch.empty(*segments.shape, 0, dtype=m.get_input_embeddings().weight.dtype,
+                       device=segments.device)
 
 
 def _combine(m: nn.Module, same: torch.Tensor, base: Any) -> Any:
@@ -241,7 +269,8 @@ def _combine(m: nn.Module, same: torch.Tensor, base: Any) -> Any:
     if impl == "sdpa":  # boolean, True = attend
         return same if base is None else same & base
     dtype = m.get_input_embeddings().weight.dtype  # eager: additive float
-    mask = torch.zeros(same.shape, dtype=dtype, device=same.device).masked_fill_(~same, torch.finfo(dtype).min)
+    lowest = torch.finfo(dtype).min
+    mask = torch.zeros(same.shape, dtype=dtype, device=same.device).masked_fill_(~same, lowest)
     return mask if base is None else torch.minimum(mask, base)
 
 
@@ -294,7 +323,7 @@ class Family:
     position_offset: Optional[Callable[[nn.Module], int]] = _no_offset
 
 
-# model_type -> family. Module-level functions (not closures) so the Backbone pickles for ddp_spawn.
+# model_type -> family. Module-level functions (not closures) so the denoiser pickles for ddp_spawn.
 FAMILIES: dict[str, Family] = {
     "modernbert": Family(_base_body, _modernbert_head, ("head.", "decoder."), _modernbert_segment_mask),
     "bert": Family(_base_body, _bert_head, ("cls.",)),
@@ -354,7 +383,8 @@ def _load_with_attention(load: Callable[[Optional[str]], Any], requested: Option
             text = str(err)
             if isinstance(err, ValueError) and "attn_implementation" in text and "is not supported" in text:
                 raise ConfigError(f"model.attn_implementation={requested!r}: {text.splitlines()[0]}") from err
-            unavailable = isinstance(err, ImportError) or "does not support" in text or "attention" in text.lower()
+            unavailable = isinstance(err,
+                                     ImportError) or "does not support" in text or "attention" in text.lower()
             if not unavailable or i == len(chain) - 1:
                 raise
             log.warning("%s: attention %r is not available (%s); falling back to %r",
@@ -379,7 +409,8 @@ def load_tokenizer(name_or_path: Optional[str]):
 
 def _token_style(tokenizer, word: str) -> str:
     """A new special token in the tokenizer's own style: ``[MASK]`` for BERT-like, ``<mask>`` otherwise."""
-    present = [t for t in (tokenizer.pad_token, tokenizer.unk_token, tokenizer.cls_token, tokenizer.sep_token) if t]
+    present = [t for t in (tokenizer.pad_token, tokenizer.unk_token, tokenizer.cls_token,
+                           tokenizer.sep_token) if t]
     if any(str(t).startswith("[") for t in present):
         return f"[{word.upper()}]"
     return f"<{word.lower()}>"
@@ -406,7 +437,8 @@ def ensure_special_tokens(tokenizer, model: Optional[nn.Module] = None) -> dict[
         added["eos_token"] = "[SEP]" if _token_style(tokenizer, "x").startswith("[") else "</s>"
     if added:
         tokenizer.add_special_tokens(added)
-        log.warning("added special tokens %s to the tokenizer; their embedding rows are new and untrained", added)
+        log.warning("added special tokens %s to the tokenizer; their embedding rows are new and untrained",
+                    added)
     if model is None:
         return added
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
@@ -414,7 +446,8 @@ def ensure_special_tokens(tokenizer, model: Optional[nn.Module] = None) -> dict[
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     end = eos_id if eos_id not in (None, pad_id) else tokenizer.sep_token_id
     bos = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
-    for attr, value in (("pad_token_id", tokenizer.pad_token_id), ("eos_token_id", end), ("bos_token_id", bos)):
+    for attr, value in (("pad_token_id", tokenizer.pad_token_id), ("eos_token_id", end),
+                        ("bos_token_id", bos)):
         if getattr(model.config, attr, None) is None and value is not None:
             setattr(model.config, attr, value)
     if getattr(model.config, "mask_token_id", None) is None:
@@ -449,12 +482,13 @@ def _build_scratch(spec: ScratchBackbone, attn_implementation: Optional[str]):
     except ValueError as err:
         raise ConfigError(f"model.backbone.model_type: {err}") from err
     model = _load_with_attention(
-        lambda impl: AutoModelForMaskedLM.from_config(config, **({"attn_implementation": impl} if impl else {})),
+        lambda impl: AutoModelForMaskedLM.from_config(config,
+                                                      **({"attn_implementation": impl} if impl else {})),
         resolve_attn_implementation(attn_implementation),
         f"scratch {spec.model_type}",
     )
     ensure_special_tokens(tokenizer, model)
-    return model, tokenizer
+    return LoadedBackbone(model, tokenizer)
 
 
 def _warn_fresh_head(spec: str, model: nn.Module, missing: list[str]) -> bool:
@@ -463,9 +497,9 @@ def _warn_fresh_head(spec: str, model: nn.Module, missing: list[str]) -> bool:
     head_missing = [k for k in missing if k.startswith(prefixes)] if prefixes else []
     if head_missing:
         log.warning(
-            "%s has no masked-LM head in its checkpoint (%d head weights freshly initialised, e.g. %s): it cannot "
-            "predict masked tokens until fine-tuned. Expect the MLM health check to flag it; conversion works "
-            "best from a model pretrained with MLM.",
+            "%s has no masked-LM head in its checkpoint (%d head weights freshly initialised, e.g. %s): it "
+            "cannot predict masked tokens until fine-tuned. Expect the MLM health check to flag it; "
+            "conversion works best from a model pretrained with MLM.",
             spec,
             len(head_missing),
             head_missing[0],
@@ -478,14 +512,14 @@ def _warn_fresh_head(spec: str, model: nn.Module, missing: list[str]) -> bool:
 
 def load_backbone(
     spec: BackboneSpec, attn_implementation: Optional[str] = "sdpa", dtype: Optional[torch.dtype] = None
-):
-    """Load ``(model, tokenizer)`` for a hub id, a local folder, or a :class:`ScratchBackbone`.
+) -> LoadedBackbone:
+    """Load the model and tokenizer of a hub id, a local folder, or a :class:`ScratchBackbone`.
 
     Hub ids and folders go through ``AutoTokenizer`` / ``AutoModelForMaskedLM.from_pretrained``
     (no remote code). ``attn_implementation``: ``sdpa`` (default), ``flash`` /
     ``flash_attention_2``, ``eager``, ``flex`` or ``auto``; an implementation that is not available
-    here falls back to sdpa, then eager, with a warning. The model gets a ``diffusion_lm_fresh_head``
-    attribute: True when its checkpoint had no MLM head (e.g. FRIDA), so the head is untrained.
+    here falls back to sdpa, then eager, with a warning. ``fresh_head`` of the result is True when
+    the checkpoint had no MLM head (e.g. FRIDA), so the head is untrained.
     """
     from transformers import AutoTokenizer
 
@@ -500,8 +534,8 @@ def load_backbone(
     local = os.path.isdir(spec)
     if not local and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
         raise ConfigError(
-            f"model.backbone={spec!r}: no such folder. Give an existing local model folder or a hub id such as "
-            "'deepvk/RuModernBERT-base'."
+            f"model.backbone={spec!r}: no such folder. Give an existing local model folder or a hub id such "
+            "as 'deepvk/RuModernBERT-base'."
         )
     base_kwargs: dict[str, Any] = {"output_loading_info": True}
     if dtype is not None:
@@ -518,21 +552,22 @@ def load_backbone(
         where = "local folder" if local else "hub id"
         raise ConfigError(
             f"model.backbone={spec!r} ({where}) could not be loaded: {err}. Check the path or hub id, "
-            "your network / HF_HUB_OFFLINE setting, and that the folder holds config.json, weights and a tokenizer."
+            "your network / HF_HUB_OFFLINE setting, and that the folder holds config.json, weights and a "
+            "tokenizer."
         ) from err
     except ValueError as err:
         if "Unrecognized configuration class" in str(err):
             raise ConfigError(
-                f"model.backbone={spec!r}: its architecture has no masked-LM class in transformers. Supported "
-                f"families: {', '.join(sorted(FAMILIES))} (see docs/models.md)."
+                f"model.backbone={spec!r}: its architecture has no masked-LM class in transformers. "
+                f"Supported families: {', '.join(sorted(FAMILIES))} (see docs/models.md)."
             ) from err
         raise
-    model.diffusion_lm_fresh_head = _warn_fresh_head(spec, model, list(info.get("missing_keys", [])))
+    fresh_head = _warn_fresh_head(spec, model, list(info.get("missing_keys", [])))
     ensure_special_tokens(tokenizer, model)
     # from_pretrained returns eval mode; Lightning keeps submodule modes as found, so a hub backbone
     # would fine-tune with its dropout silently off. Callers switch to eval for inference.
     model.train()
-    return model, tokenizer
+    return LoadedBackbone(model, tokenizer, fresh_head)
 
 
 # ----------------------------------------------------------------------------- the denoiser module
@@ -540,13 +575,14 @@ def load_backbone(
 PACKING_ATTENTION = ("sdpa", "eager", "flex_attention")
 
 
-class Backbone(nn.Module):
+class SparseHeadDenoiser(nn.Module):
     """A masked LM split into body (all positions) and head (selected positions only).
 
-    ``Backbone(model)(input_ids, attention_mask, query)`` is the *denoiser* contract of
-    :mod:`diffusion_lm.objective` and the sampler: float32 logits at the ``query`` positions with the
-    [MASK] column at -inf (the model never predicts [MASK]; a large negative constant overflowed fp16
-    in MDLM, mdlm#7, so we fill -inf after casting to float32).
+    ``SparseHeadDenoiser(model, mask_id)(input_ids, attention_mask, query)`` is the *denoiser*
+    (:class:`~diffusion_lm.denoiser.Denoiser`) of the objective, the sampler and the health check:
+    float32 logits at the ``query`` positions with the [MASK] column at -inf (the model never
+    predicts [MASK]; a large negative constant overflowed fp16 in MDLM, mdlm#7, so we fill -inf
+    after casting to float32).
 
     ``attention_mask`` is 0 on padding. Values above 1 mark *packed* rows: each value is a segment
     (one example), tokens attend only inside their segment and positions restart at every segment,
@@ -567,8 +603,10 @@ class Backbone(nn.Module):
             )
 
     @property
-    def body(self) -> nn.Module:
-        return self.model.base_model
+    def vocab_size(self) -> int:
+        """Number of logits per position (the output embedding's rows)."""
+        head = self.model.get_output_embeddings()
+        return int(head.weight.shape[0]) if head is not None else int(self.model.config.vocab_size)
 
     def hidden_states(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, packed: Optional[bool] = None
@@ -607,7 +645,8 @@ class Backbone(nn.Module):
         return logits
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query: torch.Tensor, packed: Optional[bool] = None
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query: torch.Tensor,
+                packed: Optional[bool] = None
     ) -> torch.Tensor:
         if self._family is None and not packed:
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[query].float()
@@ -615,6 +654,16 @@ class Backbone(nn.Module):
             return logits
         hidden = self.hidden_states(input_ids, attention_mask, packed)
         return self.head_logits(hidden[query])
+
+
+class Backbone(SparseHeadDenoiser):
+    """Deprecated name of :class:`SparseHeadDenoiser` (``Backbone`` also named the backbone spec and the
+    ``model.backbone`` option); it warns once and behaves the same."""
+
+    def __init__(self, model: nn.Module, mask_id: int) -> None:
+        warnings.warn("diffusion_lm.backbone.Backbone is deprecated: use SparseHeadDenoiser",
+                      DeprecationWarning, stacklevel=2)
+        super().__init__(model, mask_id)
 
 
 def describe(spec: BackboneSpec) -> dict:

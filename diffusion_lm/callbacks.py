@@ -37,10 +37,11 @@ from typing import Any, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
+from .chat import DEFAULT_VALIDATION_PROMPTS, ValidationPrompt
 from .errors import ConfigError
-from .sampling.commands import build_sampler
 from .sampling.config import SamplerConfig
 from .sampling.metrics import longest_run, repeated_ngram_rate
 
@@ -80,14 +81,15 @@ class ValidationSampling(Callback):
     ) -> None:
         super().__init__()
         if every_n_validations < 1:
-            raise ConfigError(f"ValidationSampling.every_n_validations must be >= 1, got {every_n_validations}")
+            raise ConfigError("ValidationSampling.every_n_validations must be >= 1, got "
+                              f"{every_n_validations}")
         if max_prompts is not None and max_prompts < 1:
             raise ConfigError(f"ValidationSampling.max_prompts must be >= 1 or null, got {max_prompts}")
         if canvas_length is not None and canvas_length < 1:
             raise ConfigError(f"ValidationSampling.canvas_length must be >= 1, got {canvas_length}")
         if batch_size < 1:
             raise ConfigError(f"ValidationSampling.batch_size must be >= 1, got {batch_size}")
-        self.sampler: SamplerConfig = build_sampler(preset, sampler)
+        self.sampler: SamplerConfig = SamplerConfig.resolve(preset, sampler)
         self.preset = preset
         self.canvas_length = canvas_length
         self.every_n_validations = every_n_validations
@@ -102,16 +104,15 @@ class ValidationSampling(Callback):
 
     # ------------------------------------------------------------------------------------ helpers
     @staticmethod
-    def _as_prompt(p: Any):
-        from .data.datamodule import ValidationPrompt
-
+    def _as_prompt(p: Any) -> ValidationPrompt:
         if isinstance(p, ValidationPrompt):
             return p
         if isinstance(p, dict):
             return ValidationPrompt(**p)
         if isinstance(p, str):
             return ValidationPrompt(p)
-        raise ConfigError(f"ValidationSampling.prompts: expected {{text, language}} mappings, got {type(p).__name__}")
+        raise ConfigError(f"ValidationSampling.prompts: expected {{text, language}} mappings, got "
+                          f"{type(p).__name__}")
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -123,8 +124,6 @@ class ValidationSampling(Callback):
         if prompts is None:
             prompts = getattr(getattr(trainer, "datamodule", None), "validation_prompts", None)
         if prompts is None:
-            from .data.datamodule import DEFAULT_VALIDATION_PROMPTS
-
             self._warn_once("prompts", "ValidationSampling: the data module has no validation_prompts; "
                                        "using the default English and Russian prompts")
             prompts = DEFAULT_VALIDATION_PROMPTS
@@ -176,40 +175,28 @@ class ValidationSampling(Callback):
         """Generate the answers and return one row per prompt (no logging)."""
         prompts = self._select_prompts(trainer)
         canvas = self.canvas_length or int(pl_module.hparams.canvas_length)
-        limit = int(pl_module.max_length)
         kept, convs = [], []
         for p in prompts:
             conv = p.conversation()
-            n = len(pl_module.prompt_ids(conv))
-            if n + canvas > limit:
-                self._warn_once(f"long:{p.text}", f"ValidationSampling: skipping the prompt {p.text[:40]!r}: {n} tokens "
-                                                  f"+ canvas {canvas} > the model's {limit} positions")
+            problem = pl_module.length_problem(f"the prompt {p.text[:40]!r}", len(pl_module.prompt_ids(conv)),
+                                               canvas)
+            if problem is not None:
+                self._warn_once(f"long:{p.text}", f"ValidationSampling: skipping {problem}")
                 continue
             kept.append(p)
             convs.append(conv)
         if not kept:
             return []
-        from .sampling.generate import generate
-
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            tpl = pl_module.template
-            result = generate(
-                pl_module.denoise, [pl_module.prompt_ids(c) for c in convs], mask_id=tpl.mask_id, eos_id=tpl.eos_id,
-                pad_id=tpl.pad_id, canvas_length=canvas, sampler=self.sampler, seed=self.seed,
-                max_batch_size=self.batch_size, max_length=limit,
-            )
-        finally:
-            pl_module.train(was_training)
+        result = pl_module.generate(convs, sampler=self.sampler, canvas_length=canvas, seed=self.seed,
+                                    max_batch_size=self.batch_size)
         rows = []
-        for p, ids, stats in zip(kept, result.ids, result.row_stats):
+        for p, ids, text, stats in zip(kept, result.ids, result.texts, result.row_stats):
             rows.append({
                 "step": int(trainer.global_step),
                 "epoch": int(trainer.current_epoch),
                 "prompt": p.text,
                 "language": p.language,
-                "answer": tpl.decode_answer(ids),
+                "answer": text,
                 "rep3": round(repeated_ngram_rate(ids, 3), 6),
                 "longest_run": longest_run(ids),
                 "length": len(ids),
@@ -254,15 +241,15 @@ class ValidationSampling(Callback):
         def cell(value: Any) -> str:
             return str(value).replace("|", "\\|").replace("\n", "<br>") or " "
 
-        lines = ["| lang | prompt | answer | rep3 | run | len | nfe | tok/fwd |", "|---|---|---|---|---|---|---|---|"]
+        lines = ["| lang | prompt | answer | rep3 | run | len | nfe | tok/fwd |",
+                 "|---|---|---|---|---|---|---|---|"]
         for r in rows:
-            lines.append(f"| {cell(r['language'])} | {cell(r['prompt'])} | {cell(r['answer'])} | {r['rep3']:.2f} | "
-                         f"{r['longest_run']} | {r['length']} | {r['nfe']} | {r['tokens_per_forward']:.2f} |")
+            lines.append(f"| {cell(r['language'])} | {cell(r['prompt'])} | {cell(r['answer'])} | "
+                         f"{r['rep3']:.2f} | {r['longest_run']} | {r['length']} | {r['nfe']} | "
+                         f"{r['tokens_per_forward']:.2f} |")
         return "\n".join(lines)
 
     def _write_tensorboard(self, trainer: pl.Trainer, rows: Sequence[dict]) -> None:
-        from lightning.pytorch.loggers import TensorBoardLogger
-
         loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         if not loggers:
             return  # another logger (or none): the JSONL file and the scalars still record the samples
@@ -333,8 +320,8 @@ class BatchComposition(Callback):
         lines = [f"batch composition over {self.batches} training batches (this rank):"]
         for lang in sorted(self.sums):
             r = self.report
-            lines.append(f"  {lang}: share {r[f'share_{lang}_mean']:.3f} +- {r[f'share_{lang}_std']:.3f} per batch "
-                         f"(uniform batches: +- {r[f'share_{lang}_binomial_std']:.3f})")
+            lines.append(f"  {lang}: share {r[f'share_{lang}_mean']:.3f} +- {r[f'share_{lang}_std']:.3f} per "
+                         f"batch (uniform batches: +- {r[f'share_{lang}_binomial_std']:.3f})")
         log.info("\n".join(lines))
         for logger in trainer.loggers:
             logger.log_metrics({f"data/{k}": v for k, v in self.report.items()}, step=trainer.global_step)

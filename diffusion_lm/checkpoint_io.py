@@ -32,7 +32,8 @@ from fsspec.implementations.local import LocalFileSystem
 from .errors import ConfigError
 from .files import atomic_write
 
-__all__ = ["AtomicCheckpointIO", "NonFiniteCheckpointError", "non_finite_tensors"]
+__all__ = ["AtomicCheckpointIO", "NonFiniteCheckpointError", "non_finite_tensors", "read_checkpoint_file",
+           "unreadable_checkpoint_message"]
 
 
 class NonFiniteCheckpointError(ConfigError):
@@ -45,7 +46,8 @@ def non_finite_tensors(state_dict: dict) -> list[str]:
     for name, value in state_dict.items():
         if hasattr(value, "to_local"):  # a DTensor: check this rank's shard (no collective from one rank)
             value = value.to_local()
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        if isinstance(value,
+                      torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
             bad.append(name)
     return bad
 
@@ -57,13 +59,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     upload atomically). Loading is Lightning's, with a one-line error for a missing or truncated file.
     """
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Optional[Any] = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH,
+                        storage_options: Optional[Any] = None) -> None:
         bad = non_finite_tensors(checkpoint.get("state_dict") or {})
         if bad:
             step = checkpoint.get("global_step")
             raise NonFiniteCheckpointError(
-                f"refusing to write checkpoint {path} (step {step}): {len(bad)} weight tensor(s) hold NaN/inf "
-                f"(first: {bad[0]}); the run diverged: lower model.learning_rate and resume from the last good checkpoint"
+                f"refusing to write checkpoint {path} (step {step}): {len(bad)} weight tensor(s) hold "
+                f"NaN/inf (first: {bad[0]}); the run diverged: lower model.learning_rate and resume from the "
+                "last good checkpoint"
             )
         if not isinstance(get_filesystem(path), LocalFileSystem):
             return super().save_checkpoint(checkpoint, path, storage_options)
@@ -80,7 +84,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         except FileNotFoundError:
             raise ConfigError(f"checkpoint {path}: no such file") from None
-        except (EOFError, RuntimeError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        except (EOFError, RuntimeError, OSError, ValueError, pickle.UnpicklingError,
+                zipfile.BadZipFile) as err:
             raise ConfigError(unreadable_checkpoint_message(path, err)) from err
 
 
@@ -89,3 +94,14 @@ def unreadable_checkpoint_message(path: _PATH, err: BaseException) -> str:
     first = str(err).strip().splitlines()[0] if str(err).strip() else ""
     return (f"checkpoint {path} cannot be read ({type(err).__name__}: {first}); it is truncated or not a "
             "Lightning checkpoint: use an earlier checkpoint")
+
+
+def read_checkpoint_file(path: _PATH, flag: str = "--ckpt_path") -> dict:
+    """The checkpoint dict at ``path``, weights memory-mapped (not read into memory): for its
+    hyperparameters, data summary or EMA state. A file ``torch.load`` cannot read (truncated, not a
+    checkpoint) is a one-line :class:`ConfigError` naming ``flag``."""
+    try:
+        return torch.load(os.path.expanduser(os.fspath(path)), map_location="cpu", weights_only=False,
+                          mmap=True)
+    except Exception as err:  # truncated zip, not a checkpoint at all, ...
+        raise ConfigError(f"{flag}: {unreadable_checkpoint_message(path, err)}") from None

@@ -1,4 +1,4 @@
-"""Export a trained model to a Hugging Face folder, and load such a folder back for inference.
+"""Export a trained model to a Hugging Face folder (loading one back is :mod:`diffusion_lm.loading`'s).
 
 The folder holds what ``transformers.AutoModelForMaskedLM.from_pretrained`` loads with no remote
 code (``config.json`` + safetensors weights), the tokenizer (with the mask/pad/end tokens the
@@ -18,7 +18,6 @@ checkpoints or the export's own source.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import logging
 import os
@@ -30,25 +29,34 @@ from typing import Any, Literal, Optional, Sequence, Union
 
 import torch
 
+from .backbone import describe
+from .chat import DEFAULT_LANGUAGES
+from .checkpoint_io import read_checkpoint_file
 from .errors import ConfigError
 from .files import fsync_dir, publish_folder
+# The folder format is loading's; load_exported and read_diffusion_config stay importable from here.
+from .loading import (
+    DIFFUSION_CONFIG,
+    FORMAT_VERSION,
+    load_checkpoint,
+    load_exported,
+    load_hf_export,
+    read_diffusion_config,
+)
+from .sampling.config import PRESETS
+from .version import __version__
 
 __all__ = [
     "DIFFUSION_CONFIG",
     "FORMAT_VERSION",
+    "check_target",
     "export_checkpoint",
-    "export_command",
     "export_model",
     "load_exported",
     "read_diffusion_config",
 ]
 
 log = logging.getLogger(__name__)
-
-DIFFUSION_CONFIG = "diffusion_config.json"
-FORMAT_VERSION = 1
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -71,30 +79,25 @@ def _jsonable(value: Any) -> Any:
 
 def _sampler_defaults(model) -> dict:
     """Canvas and length defaults, plus the sampler presets (``{name: SamplerConfig.to_dict()}``)."""
-    out: dict[str, Any] = {"canvas_length": int(model.hparams.canvas_length), "max_length": int(model.max_length)}
-    try:
-        from .sampling.config import PRESETS
-    except ImportError:  # sampler not installed in this tree: the canvas defaults are still useful
-        return out
-    out["default_preset"] = "quality" if "quality" in PRESETS else next(iter(PRESETS), None)
+    out: dict[str, Any] = {"canvas_length": int(model.hparams.canvas_length),
+                           "max_length": int(model.max_length)}
+    out["default_preset"] = "quality"
     out["presets"] = {name: factory().to_dict() for name, factory in PRESETS.items()}
     return out
 
 
 def _languages(data_summary: dict) -> list[str]:
     langs = list((data_summary or {}).get("per_language") or {})
-    return sorted(langs) or ["en", "ru"]
+    return sorted(langs) or list(DEFAULT_LANGUAGES)
 
 
 def diffusion_config(model, *, weights: str = "current", data_summary: Optional[dict] = None,
                      global_step: Optional[int] = None) -> dict:
     """The ``diffusion_config.json`` content for a :class:`~diffusion_lm.MaskedDiffusionLM`."""
-    from . import __version__
-    from .backbone import describe
-
     template = model.template
     hp = dict(model.hparams)
-    training = {k: _jsonable(v) for k, v in hp.items() if k not in ("backbone", "schedule") and not k.startswith("_")}
+    training = {k: _jsonable(v) for k, v in hp.items()
+                if k not in ("backbone", "schedule") and not k.startswith("_")}
     return {
         "format_version": FORMAT_VERSION,
         "diffusion_lm_version": __version__,
@@ -133,10 +136,11 @@ def _model_card(cfg: dict) -> str:
     data_lines = data_lines or ["- (no data summary recorded)"]
     schedule = cfg["schedule"]["class_path"].rsplit(".", 1)[-1]
     load_note = (
-        "This is a T5 encoder with a masked-LM head (`T5EncoderForMaskedLM`), which transformers does not ship: "
-        "`import diffusion_lm` before `AutoModelForMaskedLM.from_pretrained` registers it."
+        "This is a T5 encoder with a masked-LM head (`T5EncoderForMaskedLM`), which transformers does not "
+        "ship: `import diffusion_lm` before `AutoModelForMaskedLM.from_pretrained` registers it."
         if t5
-        else "The weights load with plain `transformers.AutoModelForMaskedLM.from_pretrained` (no remote code)."
+        else "The weights load with plain `transformers.AutoModelForMaskedLM.from_pretrained` (no remote "
+             "code)."
     )
     sampler = cfg.get("sampler") or {}
     presets = ", ".join(sampler.get("presets") or []) or "n/a"
@@ -183,7 +187,8 @@ strengths.
 
 
 def _check_replaceable(target: Path, protect: Sequence[Path]) -> None:
-    """``--overwrite`` replaces an earlier export only: never a folder with checkpoints or the export's source."""
+    """``--overwrite`` replaces an earlier export only: never a folder with checkpoints or the export's
+    source."""
     for source in protect:
         source = Path(source).expanduser().resolve()
         if source == target or target in source.parents:
@@ -191,8 +196,8 @@ def _check_replaceable(target: Path, protect: Sequence[Path]) -> None:
                               "export to another folder")
     checkpoint = next((p for p in target.rglob("*.ckpt")), None)
     if checkpoint is not None:
-        raise ConfigError(f"--output_dir {target} holds checkpoints ({checkpoint}); --overwrite never replaces "
-                          "a folder with checkpoints: export to another folder")
+        raise ConfigError(f"--output_dir {target} holds checkpoints ({checkpoint}); --overwrite never "
+                          "replaces a folder with checkpoints: export to another folder")
     if any(target.iterdir()) and not (target / DIFFUSION_CONFIG).is_file():
         raise ConfigError(f"--output_dir {target} is not a diffusion_lm export (no {DIFFUSION_CONFIG}); "
                           "--overwrite only replaces an earlier export: choose another folder")
@@ -251,23 +256,22 @@ def _atomic_write(target: Path, overwrite: bool, write, protect: Sequence[Path] 
 @torch.no_grad()
 def _verify(folder: Path, model, dtype: Optional[torch.dtype]) -> None:
     """Reload the written folder with ``AutoModelForMaskedLM`` and compare logits on a short prompt."""
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
-
     hf = model.net.model
     param = next(hf.parameters())
     saved_dtype = dtype or param.dtype
-    reloaded = AutoModelForMaskedLM.from_pretrained(folder, dtype=saved_dtype).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    reloaded, tokenizer = load_hf_export(folder, saved_dtype)
     if len(tokenizer) != len(model.tokenizer):
         raise RuntimeError(
-            f"export check: the saved tokenizer has {len(tokenizer)} tokens, the model's {len(model.tokenizer)}"
+            f"export check: the saved tokenizer has {len(tokenizer)} tokens, the model's "
+            f"{len(model.tokenizer)}"
         )
     ids = torch.tensor([model.prompt_ids("Hello! Привет!")[:32]])
     mask = torch.ones_like(ids)
     was_training = hf.training
     hf.eval()
     try:
-        expected = hf(input_ids=ids.to(param.device), attention_mask=mask.to(param.device)).logits.float().cpu()
+        expected = hf(input_ids=ids.to(param.device),
+                      attention_mask=mask.to(param.device)).logits.float().cpu()
     finally:
         hf.train(was_training)
     got = reloaded(input_ids=ids, attention_mask=mask).logits.float()
@@ -275,8 +279,10 @@ def _verify(folder: Path, model, dtype: Optional[torch.dtype]) -> None:
     scale = float(expected.abs().max().clamp_min(1.0))
     atol, rtol = (1e-4, 1e-4) if exact else (5e-2 * scale, 5e-2)
     if got.shape != expected.shape or not torch.allclose(got, expected, atol=atol, rtol=rtol):
-        diff = (got - expected).abs().max().item() if got.shape == expected.shape else f"shape {tuple(got.shape)}"
-        raise RuntimeError(f"export check: logits of the reloaded export differ from the model's (max |diff| {diff})")
+        same = got.shape == expected.shape
+        diff = (got - expected).abs().max().item() if same else f"shape {tuple(got.shape)}"
+        raise RuntimeError("export check: logits of the reloaded export differ from the model's (max |diff| "
+                           f"{diff})")
 
 
 # ----------------------------------------------------------------------------- export
@@ -312,7 +318,8 @@ def export_model(
     def write(tmp: Path) -> None:
         state = None
         if dtype is not None:
-            state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in hf_model.state_dict().items()}
+            state = {k: (v.to(dtype) if v.is_floating_point() else v)
+                     for k, v in hf_model.state_dict().items()}
         hf_model.save_pretrained(tmp, state_dict=state)
         if dtype is not None:
             config_path = tmp / "config.json"
@@ -320,7 +327,8 @@ def export_model(
             saved["dtype"] = str(dtype).replace("torch.", "")
             config_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         model.tokenizer.save_pretrained(tmp)
-        (tmp / DIFFUSION_CONFIG).write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        (tmp / DIFFUSION_CONFIG).write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n",
+                                            encoding="utf-8")
         (tmp / "README.md").write_text(_model_card(cfg), encoding="utf-8")
         if verify:
             _verify(tmp, model, dtype)
@@ -356,17 +364,11 @@ def export_checkpoint(
     weights and ``current_model_state`` the raw ones; ``weights="auto"`` exports the EMA weights
     when present, ``current`` the raw ones, ``ema`` insists on EMA.
     """
-    from .checkpoint_io import unreadable_checkpoint_message
-    from .module import MaskedDiffusionLM
-
     ckpt_path = str(ckpt_path)
     if not os.path.isfile(ckpt_path):
         raise ConfigError(f"--ckpt_path {ckpt_path!r}: no such checkpoint file")
     check_target(output_dir, overwrite, [ckpt_path])  # before the (slow) load
-    try:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as err:  # truncated file, not a checkpoint
-        raise ConfigError(f"--ckpt_path: {unreadable_checkpoint_message(ckpt_path, err)}") from None
+    checkpoint = read_checkpoint_file(ckpt_path)
     has_ema = "current_model_state" in checkpoint
     if weights == "ema" and not has_ema:
         raise ConfigError(
@@ -376,95 +378,9 @@ def export_checkpoint(
     summary = _data_summary(checkpoint)
     global_step = checkpoint.get("global_step")
     del checkpoint
-    model = MaskedDiffusionLM.load_from_checkpoint(ckpt_path, map_location="cpu")
+    model = load_checkpoint(ckpt_path, map_location="cpu")
     if current_state is not None:
         model.load_state_dict(current_state)
-    model.eval()
     label = "ema" if has_ema and current_state is None else "current"
     return export_model(model, output_dir, overwrite=overwrite, weights=label, data_summary=summary,
                         global_step=global_step, dtype=dtype, verify=verify, protect=[ckpt_path])
-
-
-def export_command(
-    ckpt_path: str,
-    output_dir: str,
-    weights: Literal["auto", "ema", "current"] = "auto",
-    overwrite: bool = False,
-    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None,
-    verify: bool = True,
-) -> None:
-    """Export a training checkpoint to a Hugging Face folder (model, tokenizer, diffusion metadata, card).
-
-    Args:
-        ckpt_path: Lightning checkpoint (``.ckpt``) of a ``diffusion-lm fit`` run.
-        output_dir: folder to create (written atomically).
-        weights: ``auto`` (EMA weights if the run used EMAWeightAveraging), ``ema`` or ``current``.
-        overwrite: replace an existing ``output_dir``.
-        dtype: save the weights as ``float32``, ``bfloat16`` or ``float16`` (default: unchanged).
-        verify: reload the export with ``AutoModelForMaskedLM`` and compare logits before publishing it.
-    """
-    target = export_checkpoint(ckpt_path, output_dir, weights=weights, overwrite=overwrite,
-                               dtype=_DTYPES[dtype] if dtype else None, verify=verify)
-    print(f"exported {ckpt_path} -> {target}")
-
-
-# ----------------------------------------------------------------------------- load back
-def read_diffusion_config(path: Union[str, Path]) -> dict:
-    """The parsed ``diffusion_config.json`` of an export folder (with a clear error if missing)."""
-    file = Path(path) / DIFFUSION_CONFIG
-    if not file.is_file():
-        raise ConfigError(f"{path}: not a diffusion_lm export (no {DIFFUSION_CONFIG}); give a folder written by "
-                          "`diffusion-lm export` or a .ckpt checkpoint")
-    cfg = json.loads(file.read_text(encoding="utf-8"))
-    if int(cfg.get("format_version", 0)) > FORMAT_VERSION:
-        raise ConfigError(f"{file}: format_version {cfg.get('format_version')} is newer than this diffusion_lm "
-                          f"understands ({FORMAT_VERSION}); upgrade diffusion_lm")
-    return cfg
-
-
-def _schedule(spec: dict):
-    from .schedules import NoiseSchedule
-
-    module_name, _, name = spec["class_path"].rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError) as err:
-        raise ConfigError(f"schedule {spec['class_path']!r} of the export cannot be imported: {err}") from err
-    schedule = cls(**(spec.get("init_args") or {}))
-    if not isinstance(schedule, NoiseSchedule):
-        raise ConfigError(f"schedule {spec['class_path']!r} is not a NoiseSchedule")
-    return schedule
-
-
-def load_exported(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu",
-                  attn_implementation: Optional[str] = "sdpa"):
-    """Build a :class:`~diffusion_lm.MaskedDiffusionLM` (eval mode) from an export folder.
-
-    The model, tokenizer, schedule, chat template and sampler defaults come from the folder, so
-    ``generate``/``infill``/``chat`` behave as with the training checkpoint. The parsed metadata is
-    attached as ``model.diffusion_config``.
-    """
-    from .data.template import ChatTemplate
-    from .module import MaskedDiffusionLM
-
-    path = str(path)
-    cfg = read_diffusion_config(path)
-    tpl = cfg["chat_template"]
-    model = MaskedDiffusionLM(
-        backbone=path,
-        schedule=_schedule(cfg["schedule"]),
-        role_headers=tpl.get("role_headers"),
-        canvas_length=int(cfg["sampler"]["canvas_length"]),
-        attn_implementation=attn_implementation,
-        health_check=False,
-    )
-    if not tpl.get("add_bos", True):
-        model.template = ChatTemplate(model.tokenizer, role_headers=tpl.get("role_headers"), add_bos=False)
-    got = {"mask_id": model.template.mask_id, "eos_id": model.template.eos_id, "pad_id": model.template.pad_id,
-           "bos_id": model.template.bos_id}
-    wanted = {k: tpl.get(k) for k in got}
-    if got != wanted:
-        raise ConfigError(f"{path}: the tokenizer's special ids {got} do not match {DIFFUSION_CONFIG} {wanted}; "
-                          "the folder's tokenizer files were changed after export")
-    model.diffusion_config = cfg
-    return model.to(map_location).eval()

@@ -23,8 +23,11 @@ import stat
 from pathlib import Path
 from typing import IO, Iterator, Union
 
+from .errors import ConfigError
+
 __all__ = [
     "append_line",
+    "read_utf8",
     "atomic_write",
     "default_mode",
     "fsync_dir",
@@ -194,3 +197,15 @@ def publish_folder(folder: PathLike) -> None:
             os.chmod(Path(root) / name, dir_mode)
         fsync_dir(root)
     os.chmod(folder, dir_mode)
+
+
+def read_utf8(path: PathLike, where: str) -> str:
+    """The text of ``path``; bytes that are not UTF-8 are a one-line
+    :class:`~diffusion_lm.errors.ConfigError` naming ``where``, the line and the byte offset."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ConfigError(f"{where} line {line}: not valid UTF-8 (byte offset {err.start}); "
+                          "save the file as UTF-8") from None

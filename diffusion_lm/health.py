@@ -12,16 +12,13 @@ A model that is not clearly better than token frequencies at 15% masking has no 
 * :class:`MLMHealthCheck` -- a Lightning callback that runs it at the start of ``fit`` and logs the
   figures; :class:`~diffusion_lm.MaskedDiffusionLM` adds one by default (``health_check=False``
   turns it off; put your own ``MLMHealthCheck`` in ``trainer.callbacks`` to configure it).
-* ``diffusion-lm check --model ...`` -- :func:`check_command`, the same check from the shell.
+* ``diffusion-lm check --model ...`` -- the same check from the shell (:mod:`diffusion_lm.cli.check`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
-import logging
 import math
-import os
 from dataclasses import dataclass
 from typing import Callable, Iterable, Literal, Optional, Sequence
 
@@ -30,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from .denoiser import Denoiser
 from .errors import ConfigError
 
 __all__ = [
@@ -38,11 +36,10 @@ __all__ = [
     "MLMHealthError",
     "MLMHealthWarning",
     "RateResult",
-    "check_command",
     "mlm_health",
+    "template_ignore_ids",
 ]
 
-log = logging.getLogger(__name__)
 
 DEFAULT_RATES = (0.15, 0.5, 0.9)
 _BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "metric_mask")
@@ -113,7 +110,8 @@ class HealthReport:
         for r in self.results:
             lines.append(f"  {r.rate:9.2f}   {r.accuracy:8.3f}   {r.nll:10.3f}   {r.tokens:6d}")
         lines.append(
-            f"  baselines: token-frequency NLL {self.unigram_nll:.3f}, uniform NLL log V = {self.uniform_nll:.3f}"
+            f"  baselines: token-frequency NLL {self.unigram_nll:.3f}, uniform NLL log V = "
+            f"{self.uniform_nll:.3f}"
         )
         lines.append(f"  verdict: {self.verdict} -- {self.message}")
         return "\n".join(lines)
@@ -128,10 +126,10 @@ def _verdict(
     gain = unigram - low.nll
     if gain < min_gain_nats:
         return "no_mlm", (
-            f"at mask rate {low.rate:g} the backbone's NLL ({low.nll:.2f}) is not clearly below the token-frequency "
-            f"baseline ({unigram:.2f}): it has no usable masked-LM ability (a fresh or random LM head, "
-            "or a model that lost MLM in contrastive training, like FRIDA). Diffusion fine-tuning from it "
-            "will start from scratch; prefer a backbone pretrained with MLM"
+            f"at mask rate {low.rate:g} the backbone's NLL ({low.nll:.2f}) is not clearly below the "
+            f"token-frequency baseline ({unigram:.2f}): it has no usable masked-LM ability (a fresh or "
+            "random LM head, or a model that lost MLM in contrastive training, like FRIDA). Diffusion "
+            "fine-tuning from it will start from scratch; prefer a backbone pretrained with MLM"
         )
     if low.accuracy < min_accuracy:
         return "weak", (
@@ -140,13 +138,14 @@ def _verdict(
             "expect slow conversion and low-quality, looping generations"
         )
     return "healthy", (
-        f"masked-token accuracy {low.accuracy:.1%} at rate {low.rate:g}, {gain:.2f} nats better than token frequencies"
+        f"masked-token accuracy {low.accuracy:.1%} at rate {low.rate:g}, {gain:.2f} nats better than token "
+        "frequencies"
     )
 
 
 @torch.no_grad()
 def mlm_health(
-    denoiser: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    denoiser: Denoiser,
     batches: Iterable[dict],
     *,
     mask_id: int,
@@ -234,19 +233,13 @@ def _row_chunks(per_row: Sequence[int], budget: int) -> list[slice]:
     return chunks
 
 
-def _template_ignore_ids(template, tokenizer) -> list[int]:
-    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+def template_ignore_ids(template) -> list[int]:
+    """Token ids never scored: the tokenizer's special tokens and the template's pad/end/mask/BOS."""
+    ids = set(getattr(template.tokenizer, "all_special_ids", []) or [])
     ids |= {template.pad_id, template.eos_id, template.mask_id}
     if template.bos_id is not None:
         ids.add(template.bos_id)
     return sorted(ids)
-
-
-def _vocab_size(denoiser_module) -> int:
-    model = getattr(getattr(denoiser_module, "net", denoiser_module), "model", None)
-    if model is not None and model.get_output_embeddings() is not None:
-        return int(model.get_output_embeddings().weight.shape[0])
-    return int(model.config.vocab_size)
 
 
 _SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
@@ -296,20 +289,21 @@ class MLMHealthCheck(pl.Callback):
             return
         if type(trainer.strategy).__name__ in _SHARDED_STRATEGIES:
             rank_zero_info(
-                "MLM health check skipped under a sharded strategy; run `diffusion-lm check --model ...` first"
+                "MLM health check skipped under a sharded strategy; run `diffusion-lm check --model ...` "
+                "first"
             )
             return
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "train_dataloader"):
-            rank_zero_info("MLM health check skipped: it reads its sample from the datamodule's train_dataloader()")
+            rank_zero_info("MLM health check skipped: it reads its sample from the datamodule's "
+                           "train_dataloader()")
             return
         # A fresh loader: iterating it does not move the fit loop's own loader or collator RNG.
         loader = datamodule.train_dataloader()
         template = pl_module.template
         device = pl_module.device
-        batches = (
-            {k: b[k].to(device) for k in _BATCH_KEYS if k in b} for b in itertools.islice(loader, self.num_batches)
-        )
+        batches = ({k: b[k].to(device) for k in _BATCH_KEYS if k in b}
+                   for b in itertools.islice(loader, self.num_batches))
         was_training = pl_module.training
         pl_module.eval()
         try:
@@ -318,8 +312,8 @@ class MLMHealthCheck(pl.Callback):
                     pl_module.denoise,
                     batches,
                     mask_id=template.mask_id,
-                    vocab_size=_vocab_size(pl_module),
-                    ignore_ids=_template_ignore_ids(template, pl_module.tokenizer),
+                    vocab_size=pl_module.net.vocab_size,
+                    ignore_ids=template_ignore_ids(template),
                     rates=self.rates,
                     seed=self.seed,
                     reduce=lambda t: trainer.strategy.reduce(t.to(device), reduce_op="sum"),
@@ -337,130 +331,3 @@ class MLMHealthCheck(pl.Callback):
             rank_zero_warn(f"MLM health check: {report.verdict}: {report.message}", category=MLMHealthWarning)
             if report.verdict == "no_mlm" and self.on_failure == "raise":
                 raise MLMHealthError(f"MLM health check failed: {report.message}")
-
-
-# ----------------------------------------------------------------------------- diffusion-lm check
-def _load_for_check(model: str, attn_implementation: Optional[str], device: torch.device):
-    """(denoiser module, template, tokenizer) for a checkpoint, an export folder or a backbone."""
-    from .backbone import Backbone, load_backbone
-    from .data.template import ChatTemplate
-
-    exported = os.path.isdir(model) and os.path.exists(os.path.join(model, "diffusion_config.json"))
-    if os.path.isfile(model) or exported:
-        from .module import load_model
-
-        lm = load_model(model, map_location=device)
-        return lm, lm.template, lm.tokenizer
-    backbone, tokenizer = load_backbone(model, attn_implementation=attn_implementation)
-    template = ChatTemplate(tokenizer)
-    net = Backbone(backbone, template.mask_id).to(device).eval()
-    return net, template, tokenizer
-
-
-def _read_recipe(path: Optional[str]) -> dict:
-    if path is None:
-        return {}
-    import yaml
-
-    if not os.path.isfile(path):
-        raise ConfigError(f"--recipe {path!r}: no such file")
-    with open(path, encoding="utf-8") as fh:
-        return yaml.safe_load(fh) or {}
-
-
-def check_command(
-    model: Optional[str] = None,
-    recipe: Optional[str] = None,
-    sources: Optional[list[dict]] = None,
-    rates: list[float] = list(DEFAULT_RATES),
-    num_batches: int = 4,
-    batch_size: int = 8,
-    max_samples: int = 256,
-    max_length: Optional[int] = None,
-    canvas_length: Optional[int] = None,
-    seed: int = 0,
-    device: str = "auto",
-    bf16: bool = True,
-    attn_implementation: Optional[str] = "sdpa",
-    fail: bool = False,
-) -> HealthReport:
-    """Measure a backbone's masked-token accuracy and NLL before fine-tuning it.
-
-    Args:
-        model: hub id or folder of a pretrained encoder, a ``.ckpt`` checkpoint or an export folder;
-            default: ``model.backbone`` of ``--recipe``.
-        recipe: a fit recipe (YAML, e.g. ``configs/mmbert-base.yaml``) to take the data sources,
-            lengths and backbone from.
-        sources: data sources (``[{path: ..., format: messages, language: ru}]``); default: the
-            recipe's, else the chatterbot corpus in English and Russian.
-        rates: mask rates to measure.
-        num_batches / batch_size: the sample (each rate masks the same batches).
-        max_samples: records read per source (a sample, not the whole set).
-        max_length / canvas_length: longest prompt + answer, longest answer (default: the recipe's).
-        seed: seed of the sample and of the masks.
-        device: ``auto`` (CUDA if available), ``cpu``, ``cuda``, ``cuda:1`` ...
-        bf16: autocast to bfloat16 on CUDA.
-        attn_implementation: attention for a hub/folder backbone (``sdpa``, ``flash``, ``eager``).
-        fail: exit with status 1 when the verdict is ``no_mlm`` (for scripts).
-    """
-    from .data.collate import CanvasPolicy
-    from .data.datamodule import DialogDataModule
-    from .data.sources import DataSource
-
-    fit_config = _read_recipe(recipe)
-    model_cfg = fit_config.get("model") or {}
-    data_cfg = fit_config.get("data") or {}
-    if model is None:
-        model = model_cfg.get("backbone") if isinstance(model_cfg.get("backbone"), str) else None
-        if model is None:
-            raise ConfigError("--model is required (a hub id, a model folder, a .ckpt or an export folder)")
-    if sources is None:
-        sources = data_cfg.get("sources") or [
-            {"path": "chatterbot", "format": "chatterbot", "language": "en"},
-            {"path": "chatterbot", "format": "chatterbot", "language": "ru"},
-        ]
-    canvas_length = canvas_length or (data_cfg.get("canvas") or {}).get("length") or 128
-    max_length = max_length or data_cfg.get("max_length") or 512
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    attn = attn_implementation or model_cfg.get("attn_implementation")
-    net, template, tokenizer = _load_for_check(model, attn, dev)
-
-    capped = []
-    for s in sources:
-        src = s if isinstance(s, DataSource) else DataSource(**s)
-        cap = min(src.max_samples or max_samples, max_samples)
-        capped.append(dataclasses.replace(src, max_samples=cap, val_size=0))
-    data = DialogDataModule(
-        capped,
-        batch_size=batch_size,
-        max_length=max_length,
-        canvas=CanvasPolicy(mode="none", length=canvas_length, overflow="truncate"),
-        seed=seed,
-    )
-    data.template = template  # score with the model's own chat template
-    data.setup("fit")
-    loader = data.train_dataloader()
-    batches = itertools.islice(loader, num_batches)
-    use_bf16 = bf16 and dev.type == "cuda"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else torch.autocast("cpu", enabled=False)
-    denoise = net.denoise if hasattr(net, "denoise") else net
-    with autocast:
-        report = mlm_health(
-            denoise,
-            batches,
-            mask_id=template.mask_id,
-            vocab_size=_vocab_size(net),
-            ignore_ids=_template_ignore_ids(template, tokenizer),
-            rates=rates,
-            seed=seed,
-            device=dev,
-        )
-    print(f"model: {model}")
-    print(report.table())
-    if not report.healthy:
-        log.warning("MLM health check: %s: %s", report.verdict, report.message)
-    if fail and report.verdict == "no_mlm":
-        raise SystemExit(1)
-    return report

@@ -42,26 +42,52 @@ class NelboMetric(Metric):
 
 
 class LanguageNelbo(torch.nn.Module):
-    """One :class:`NelboMetric` overall and one per language (fixed set, so every rank syncs the same states)."""
+    """One :class:`NelboMetric` overall and one per language, added as languages appear in the data.
 
-    def __init__(self, languages: Iterable[str]) -> None:
+    Distributed-safe: before computing, every rank learns the languages every other rank has seen (an
+    all-gather of their names) and adds the ones it lacks, so all ranks hold the same metrics and sync
+    them in the same (sorted) order. Examples without a language count in the overall figure only.
+    """
+
+    def __init__(self, languages: Iterable[str] = ()) -> None:
         super().__init__()
-        self.languages = sorted(set(languages))
         self.overall = NelboMetric()
-        self.per_language = torch.nn.ModuleDict({lang: NelboMetric() for lang in self.languages})
+        self.per_language = torch.nn.ModuleDict()
+        for lang in sorted(set(languages)):
+            self._metric(lang)
+
+    @property
+    def languages(self) -> list[str]:
+        return sorted(self.per_language.keys())
+
+    def _metric(self, lang: str) -> NelboMetric:
+        if lang not in self.per_language:
+            self.per_language[lang] = NelboMetric().to(self.overall.nelbo.device)
+        return self.per_language[lang]
 
     def update(self, seq_nelbo: torch.Tensor, seq_tokens: torch.Tensor, languages: list[str]) -> None:
         self.overall.update(seq_nelbo, seq_tokens)
-        for lang in self.languages:
-            idx = [i for i, lg in enumerate(languages) if lg == lang]
-            if idx:
-                sel = torch.tensor(idx, device=seq_nelbo.device)
-                self.per_language[lang].update(seq_nelbo[sel], seq_tokens[sel])
+        for lang in sorted({lg for lg in languages if lg}):
+            sel = torch.tensor([i for i, lg in enumerate(languages) if lg == lang], device=seq_nelbo.device)
+            self._metric(lang).update(seq_nelbo[sel], seq_tokens[sel])
+
+    def _gather_languages(self) -> None:
+        """Add the languages other ranks have seen (a collective: every rank calls it)."""
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return
+        seen: list = [None] * dist.get_world_size()
+        dist.all_gather_object(seen, self.languages)
+        for names in seen:
+            for lang in names:
+                self._metric(lang)
 
     def compute(self, prefix: str) -> dict[str, float]:
         """``{prefix/nelbo, prefix/ppl_bound, prefix/nelbo_<lang>, prefix/ppl_bound_<lang>}``."""
+        self._gather_languages()
         out = {}
-        for name, metric in [("", self.overall)] + [(f"_{k}", v) for k, v in self.per_language.items()]:
+        metrics = [("", self.overall)] + [(f"_{lang}", self.per_language[lang]) for lang in self.languages]
+        for name, metric in metrics:
             with warnings.catch_warnings():  # a language absent from this split was never updated
                 warnings.filterwarnings("ignore", message=".*before the ``update`` method.*")
                 value = float(metric.compute())  # every rank calls compute: it is a collective

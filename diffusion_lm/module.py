@@ -6,33 +6,39 @@ import dataclasses
 import logging
 import math
 import warnings
-import zlib
 from typing import Any, Literal, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
-from .backbone import Backbone, ScratchBackbone, load_backbone
-from .data.conversation import Conversation, Turn
-from .data.template import ChatTemplate
+from .backbone import ScratchBackbone, SparseHeadDenoiser, load_backbone
+from .callbacks import BatchComposition
+from .chat import ChatTemplate, Conversation, Turn
 from .errors import ConfigError, TrainingDiverged
+from .health import MLMHealthCheck
 from .metrics import LanguageNelbo
-from .objective import counter_uniform_at, masked_diffusion_nelbo
+from .objective import masked_diffusion_nelbo
 from .resume import apply_optimizer_hparams, changed_hparams, check_resume, describe_resume
 from .schedules import LogLinearSchedule, NoiseSchedule, indexed_times, stratified_times
+from .sampling.loop import GenerationResult, StepHook
+from .sampling.loop import generate as sample
+from .seeding import Seed, counter_uniform_at, stable_seed
 
-__all__ = ["MaskedDiffusionLM", "load_model"]
+__all__ = ["MaskedDiffusionLM", "TextGeneration"]
 
 log = logging.getLogger(__name__)
 
 # Lightning warns that a step checkpoint of a manually optimised module holds the weights *after*
 # the step. That is what we want: a checkpoint at global_step N holds the weights after N updates,
 # exactly as under automatic optimisation.
-warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization and every_n_train_steps")
+warnings.filterwarnings("ignore",
+                        message="Using ModelCheckpoint with manual optimization and every_n_train_steps")
 
 # Per-token tensors of a batch (rows x positions); the other keys are per example.
-_ROW_TENSORS = ("input_ids", "attention_mask", "loss_mask", "loss_weight", "metric_mask", "example", "position")
+_ROW_TENSORS = ("input_ids", "attention_mask", "loss_mask", "loss_weight", "metric_mask", "example",
+                "position")
 
 
 def check_options(**options: Any) -> None:
@@ -40,13 +46,16 @@ def check_options(**options: Any) -> None:
     rules = {
         "learning_rate": (lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0 (e.g. 1e-4)"),
         "weight_decay": (lambda v: math.isfinite(v) and v >= 0, "must be a finite number >= 0"),
-        "betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "must be two numbers in [0, 1), e.g. [0.9, 0.98]"),
+        "betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v),
+                  "must be two numbers in [0, 1), e.g. [0.9, 0.98]"),
         "warmup_steps": (lambda v: v >= 0, "must be >= 0 (0 disables warm-up)"),
         "min_lr_ratio": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
-        "micro_batch_size": (lambda v: v is None or v >= 1, "must be >= 1 (or unset: the whole batch at once)"),
+        "micro_batch_size": (lambda v: v is None or v >= 1,
+                             "must be >= 1 (or unset: the whole batch at once)"),
         "gradient_clip_val": (lambda v: v is None or (math.isfinite(v) and v >= 0),
                               "must be >= 0 (or unset: no clipping)"),
-        "time_eps": (lambda v: 0 < v < 1, "must be in (0, 1), e.g. 1e-3 (the 1/t weight is infinite at t = 0)"),
+        "time_eps": (lambda v: 0 < v < 1,
+                     "must be in (0, 1), e.g. 1e-3 (the 1/t weight is infinite at t = 0)"),
         "canvas_length": (lambda v: v >= 1, "must be >= 1"),
         "max_nonfinite_steps": (lambda v: v >= 1, "must be >= 1"),
     }
@@ -56,16 +65,110 @@ def check_options(**options: Any) -> None:
             raise ConfigError(f"model.{name} {what}, got {value}")
 
 
-def _seed(*parts: Any) -> int:
-    """A stable 32-bit seed from integers/strings (Python's hash() is salted per process for str)."""
-    return zlib.crc32(",".join(str(p) for p in parts).encode())
-
-
 def _rows(batch: dict, rows: slice) -> dict:
     return {k: batch[k][rows] for k in _ROW_TENSORS}
 
 
-class MaskedDiffusionLM(pl.LightningModule):
+class TextGeneration:
+    """The text -> answer path of a model: prompt ids from the chat template, the prompt + canvas
+    length check, the sampler, decoding. :class:`MaskedDiffusionLM` has it; a stand-in model (a test
+    double of the server or the pipeline) gets it by providing ``template``, ``denoise``,
+    ``max_length`` and ``hparams.canvas_length``.
+    """
+
+    template: ChatTemplate
+    max_length: int
+    hparams: Any
+
+    def denoise(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                query: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prompt_ids(self, prompt: Union[str, Conversation, Sequence[Turn]]) -> list[int]:
+        """Prompt ids for a user message, a conversation or its turns (the training template)."""
+        if isinstance(prompt, str):
+            turns: Sequence[Turn] = [Turn("user", prompt)]
+        elif isinstance(prompt, Conversation):
+            turns = prompt.turns
+        else:
+            turns = prompt
+        return self.template.prompt_ids(turns)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[Union[str, Conversation, Sequence[Turn]]],
+        sampler: Any = None,
+        canvas_length: Optional[int] = None,
+        seed: Seed = 0,
+        return_trajectory: bool = False,
+        max_batch_size: Optional[int] = None,
+        labels: Optional[Sequence[str]] = None,
+        on_step: Optional[StepHook] = None,
+    ) -> GenerationResult:
+        """Answer each prompt (a user message, a :class:`Conversation` or its turns): the one text ->
+        answer path (the pipeline functions, the chat session and the validation callback call it).
+
+        The prompts are built by the training chat template, checked against the model's length
+        (:meth:`check_lengths`; ``labels`` name them in the error, default ``prompt 1``, ...), answered by
+        :func:`~diffusion_lm.sampling.generate` in eval mode (``sampler``: a :class:`SamplerConfig`, a
+        preset name or a mapping; ``max_batch_size`` rows per forward; ``seed`` one base seed or one per
+        prompt; ``on_step`` the sampler's step hook) and decoded: the result is the sampler's, with the
+        answers' ``texts`` attached.
+        """
+        canvas = canvas_length or int(self.hparams.canvas_length)
+        prompt_ids = [self.prompt_ids(p) for p in prompts]
+        self.check_lengths(prompt_ids, canvas, labels)
+        module = self if isinstance(self, torch.nn.Module) else None
+        was_training = module is not None and module.training
+        if module is not None:
+            module.eval()
+        try:
+            tpl = self.template
+            result = sample(
+                self.denoise, prompt_ids, mask_id=tpl.mask_id, eos_id=tpl.eos_id, pad_id=tpl.pad_id,
+                canvas_length=canvas, sampler=sampler, seed=seed, return_trajectory=return_trajectory,
+                max_batch_size=max_batch_size, max_length=self.max_length, on_step=on_step,
+            )
+        finally:
+            if module is not None:
+                module.train(was_training)
+        result.texts = [self.template.decode_answer(ids) for ids in result.ids]
+        return result
+
+    def prompt_budget(self, canvas_length: int) -> int:
+        """Prompt tokens that fit next to ``canvas_length`` answer slots (a :class:`ConfigError` when the
+        canvas alone fills the model)."""
+        limit = self.max_length
+        if canvas_length >= limit:
+            raise ConfigError(f"--canvas_length {canvas_length} leaves no room for a prompt: the model takes "
+                              f"{limit} positions in all; lower --canvas_length")
+        return limit - canvas_length
+
+    def length_problem(self, label: str, prompt_tokens: int, canvas_length: int) -> Optional[str]:
+        """Why a prompt of ``prompt_tokens`` does not fit next to ``canvas_length`` answer slots, naming it
+        ``label`` and the fix; None when it fits."""
+        limit, total = self.max_length, prompt_tokens + canvas_length
+        if total <= limit:
+            return None
+        fix = f"shorten the prompt to at most {limit - canvas_length} tokens"
+        if prompt_tokens < limit:
+            fix += f" or lower --canvas_length to at most {limit - prompt_tokens}"
+        return (f"{label} is {prompt_tokens} tokens; with --canvas_length {canvas_length} that is {total} > "
+                f"the model's limit of {limit} positions: {fix}")
+
+    def check_lengths(self, prompt_ids: Sequence[Sequence[int]], canvas_length: int,
+                      labels: Optional[Sequence[str]] = None) -> None:
+        """A :class:`ConfigError` for the first prompt that does not fit next to the canvas."""
+        self.prompt_budget(canvas_length)
+        for i, ids in enumerate(prompt_ids):
+            problem = self.length_problem(labels[i] if labels is not None else f"prompt {i + 1}", len(ids),
+                                          canvas_length)
+            if problem is not None:
+                raise ConfigError(problem)
+
+
+class MaskedDiffusionLM(TextGeneration, pl.LightningModule):
     """Masked-diffusion fine-tuning of a BERT-like encoder (MDLM objective, SUBS parameterisation).
 
     Only assistant answers (``loss_mask``) are noised; the prompt stays intact. Each optimizer step
@@ -125,10 +228,11 @@ class MaskedDiffusionLM(pl.LightningModule):
             schedule = NoiseSchedule.from_config(schedule)
         if schedule is not None and not isinstance(schedule, NoiseSchedule):
             raise TypeError(
-                f"model.schedule must be a diffusion_lm.schedules.NoiseSchedule subclass instance, got {type(schedule).__name__}"
+                "model.schedule must be a diffusion_lm.schedules.NoiseSchedule subclass instance, got "
+                f"{type(schedule).__name__}"
             )
-        check_options(learning_rate=learning_rate, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
-                      min_lr_ratio=min_lr_ratio, micro_batch_size=micro_batch_size,
+        check_options(learning_rate=learning_rate, weight_decay=weight_decay, betas=betas,
+                      warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, micro_batch_size=micro_batch_size,
                       gradient_clip_val=gradient_clip_val, time_eps=time_eps, canvas_length=canvas_length,
                       max_nonfinite_steps=max_nonfinite_steps)
         self.save_hyperparameters()
@@ -140,14 +244,16 @@ class MaskedDiffusionLM(pl.LightningModule):
             self.hparams["schedule"] = self.hparams["schedule"].to_config()
         self.automatic_optimization = False
         self.schedule = schedule or LogLinearSchedule()
-        model, tokenizer = load_backbone(backbone, attn_implementation=attn_implementation)
-        self.tokenizer = tokenizer
-        self.template = ChatTemplate(tokenizer, role_headers=role_headers)
+        loaded = load_backbone(backbone, attn_implementation=attn_implementation)
+        self.tokenizer = loaded.tokenizer
+        self.template = ChatTemplate(loaded.tokenizer, role_headers=role_headers)
         if gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.net = Backbone(model, self.template.mask_id)
-        self.val_metrics = LanguageNelbo(["en", "ru"])
-        self.test_metrics = LanguageNelbo(["en", "ru"])
+            loaded.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.net = SparseHeadDenoiser(loaded.model, self.template.mask_id)
+        self.val_metrics = LanguageNelbo()  # per-language NELBO, languages as the data brings them
+        self.test_metrics = LanguageNelbo()
+        # an export folder's metadata (set by loading.load_exported)
+        self.diffusion_config: Optional[dict] = None
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient (checkpointed)
         self._nonfinite_streak = 0
 
@@ -155,9 +261,6 @@ class MaskedDiffusionLM(pl.LightningModule):
         """Callbacks every run gets unless ``trainer.callbacks`` already has one of the kind: the
         batch-composition diagnostics, and the MLM health check at fit start (unless disabled, or the
         backbone is built from a config: a random head is then expected, not a fault)."""
-        from .callbacks import BatchComposition
-        from .health import MLMHealthCheck
-
         trainer = self._trainer
         if trainer is None:
             return []
@@ -187,29 +290,33 @@ class MaskedDiffusionLM(pl.LightningModule):
         where = str(trainer.ckpt_path or "checkpoint")
         check_resume(saved, self.hparams, where)
         if trainer.state.fn == "fit":
-            rank_zero_info(describe_resume(where, checkpoint.get("global_step"), changed_hparams(saved, self.hparams)))
+            rank_zero_info(describe_resume(where, checkpoint.get("global_step"),
+                                           changed_hparams(saved, self.hparams)))
             self._resumed = True
 
     def on_train_start(self) -> None:
         if getattr(self, "_resumed", False):
             # The restored optimizer and LR scheduler carry the checkpoint's options: apply the config's.
             self._resumed = False
-            apply_optimizer_hparams(self.optimizers(use_pl_optimizer=False), self.lr_schedulers(), self.hparams)
+            apply_optimizer_hparams(self.optimizers(use_pl_optimizer=False), self.lr_schedulers(),
+                                    self.hparams)
 
     # ----------------------------------------------------------------- basics
     @property
     def mask_id(self) -> int:
         return self.template.mask_id
 
-    def denoise(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    def denoise(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                query: torch.Tensor) -> torch.Tensor:
         """Float32 logits at ``query`` positions (the denoiser contract of the objective and sampler)."""
         return self.net(input_ids, attention_mask, query)
 
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        languages = {s.language for s in getattr(datamodule, "sources", [])} | {"en", "ru"}
-        self.val_metrics = LanguageNelbo(languages)
-        self.test_metrics = LanguageNelbo(languages)
+        """Hand the data module the model's chat template and sequence limit (``connect``), so the data,
+        the sampler and export share one template; the data never reads the Trainer's model."""
+        connect = getattr(getattr(self.trainer, "datamodule", None), "connect", None)
+        if callable(connect):
+            connect(self.template, self.max_length)
 
     # ------------------------------------------------------------- training
     def _nelbo(self, rows: dict, t: torch.Tensor, seed: int, step: int, keys: torch.Tensor, normalizer=None,
@@ -240,7 +347,7 @@ class MaskedDiffusionLM(pl.LightningModule):
     def _step_times(self, num_examples: int) -> torch.Tensor:
         """Times stratified over the global batch; every rank draws the same stream and takes its slice."""
         world, rank, step = self.trainer.world_size, self.global_rank, self.global_step
-        t_gen = torch.Generator().manual_seed(_seed(self.hparams.seed, step))
+        t_gen = torch.Generator().manual_seed(stable_seed(self.hparams.seed, step))
         return stratified_times(
             num_examples * world,
             rank_offset=rank * num_examples,
@@ -258,7 +365,8 @@ class MaskedDiffusionLM(pl.LightningModule):
             return [slice(0, num_rows)]
         count = math.ceil(num_rows / micro)
         if self.trainer.world_size > 1:
-            count = int(self.trainer.strategy.reduce(torch.tensor(count, device=self.device), reduce_op="max"))
+            count = int(self.trainer.strategy.reduce(torch.tensor(count, device=self.device),
+                                                     reduce_op="max"))
         return [slice(i * micro, (i + 1) * micro) for i in range(count)]
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -266,7 +374,7 @@ class MaskedDiffusionLM(pl.LightningModule):
         scheduler = self.lr_schedulers()
         step, rank, world = self.global_step, self.global_rank, self.trainer.world_size
         # Dropout draws keyed by (seed, step, rank): a resumed run repeats them without saved RNG state.
-        torch.manual_seed(_seed(self.hparams.seed, "dropout", step, rank))
+        torch.manual_seed(stable_seed(self.hparams.seed, "dropout", step, rank))
         n = int(batch["sample_index"].shape[0])  # examples on this rank (rows may pack several)
         example = batch["example"]
         t = self._step_times(n)[example.clamp_min(0)]
@@ -311,25 +419,25 @@ class MaskedDiffusionLM(pl.LightningModule):
         opt.zero_grad(set_to_none=True)
         self.skipped_steps += 1
         self._nonfinite_streak += 1
-        log.warning("step %d: non-finite %s; optimizer step skipped (%d in a row, %d in all)", self.global_step,
-                    "loss" if not torch.isfinite(loss) else "gradient norm", self._nonfinite_streak,
-                    self.skipped_steps)
+        log.warning("step %d: non-finite %s; optimizer step skipped (%d in a row, %d in all)",
+                    self.global_step, "loss" if not torch.isfinite(loss) else "gradient norm",
+                    self._nonfinite_streak, self.skipped_steps)
         limit = self.hparams.get("max_nonfinite_steps", 10)
         if self._nonfinite_streak >= limit:
             callback = self.trainer.checkpoint_callback
-            last = (getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")) if callback else ""
+            last = ""
+            if callback:
+                last = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
             where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
             raise TrainingDiverged(
-                f"training stopped at step {self.global_step}: {self._nonfinite_streak} optimizer steps in a row had a "
-                f"non-finite loss or gradient norm; {where}. Lower model.learning_rate, check the data, or use "
-                "bf16/fp32 precision (model.max_nonfinite_steps sets the limit)"
+                f"training stopped at step {self.global_step}: {self._nonfinite_streak} optimizer steps in a "
+                f"row had a non-finite loss or gradient norm; {where}. Lower model.learning_rate, check the "
+                "data, or use bf16/fp32 precision (model.max_nonfinite_steps sets the limit)"
             )
 
     def _clip(self, opt) -> torch.Tensor:
         """Clip the gradient norm (when ``gradient_clip_val`` is set) and return the norm before clipping."""
         value = self.hparams.gradient_clip_val or float("inf")
-        from lightning.pytorch.strategies import FSDPStrategy
-
         if isinstance(self.trainer.strategy, FSDPStrategy):
             # Lightning's precision hook refuses norm clipping under FSDP (lightning#19235).
             return self.trainer.model.clip_grad_norm_(value)
@@ -354,9 +462,11 @@ class MaskedDiffusionLM(pl.LightningModule):
         # even out the ranks carry no metric weight.
         index = batch["sample_index"]
         example = batch["example"].clamp_min(0)
-        t = indexed_times(index, seed=self.hparams.val_seed, eps=self.hparams.time_eps).to(self.device)[example]
+        t = indexed_times(index, seed=self.hparams.val_seed,
+                          eps=self.hparams.time_eps).to(self.device)[example]
         keys = torch.where(batch["example"] >= 0, index[example], -1)
-        out = self._nelbo(_rows(batch, slice(None)), t, self.hparams.val_seed, 0, keys, num_groups=int(index.shape[0]))
+        out = self._nelbo(_rows(batch, slice(None)), t, self.hparams.val_seed, 0, keys,
+                          num_groups=int(index.shape[0]))
         metrics.update(out.seq_nelbo, out.seq_tokens, batch["language"])
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -376,49 +486,6 @@ class MaskedDiffusionLM(pl.LightningModule):
         self.test_metrics.reset()
         for key, value in values.items():
             self.log(key, value)
-
-    # ------------------------------------------------------------ generation
-    def prompt_ids(self, prompt: Union[str, Conversation, Sequence[Turn]]) -> list[int]:
-        """Prompt ids for a user message, a conversation or its turns (the training template)."""
-        if isinstance(prompt, str):
-            turns: Sequence[Turn] = [Turn("user", prompt)]
-        elif isinstance(prompt, Conversation):
-            turns = prompt.turns
-        else:
-            turns = prompt
-        return self.template.prompt_ids(turns)
-
-    @torch.no_grad()
-    def generate(
-        self,
-        prompts: Sequence[Union[str, Conversation, Sequence[Turn]]],
-        sampler: Any = None,
-        canvas_length: Optional[int] = None,
-        seed: Optional[int] = 0,
-        return_trajectory: bool = False,
-    ):
-        """Answer each prompt; returns the sampler's result with decoded ``texts`` attached."""
-        from .sampling import generate as sample
-
-        was_training = self.training
-        self.eval()
-        try:
-            result = sample(
-                self.denoise,
-                [self.prompt_ids(p) for p in prompts],
-                mask_id=self.template.mask_id,
-                eos_id=self.template.eos_id,
-                pad_id=self.template.pad_id,
-                canvas_length=canvas_length or self.hparams.canvas_length,
-                sampler=sampler,
-                seed=seed,
-                return_trajectory=return_trajectory,
-                max_length=self.max_length,
-            )
-        finally:
-            self.train(was_training)
-        result.texts = [self.template.decode_answer(ids) for ids in result.ids]
-        return result
 
     @property
     def max_length(self) -> int:
@@ -445,6 +512,8 @@ class MaskedDiffusionLM(pl.LightningModule):
             lr=hp.learning_rate,
             betas=tuple(hp.betas),
         )
+        # Imported here: at module level it would list transformers' optimizers among the known
+        # subclasses in `diffusion-lm fit --help`.
         from transformers import (
             get_constant_schedule_with_warmup,
             get_cosine_with_min_lr_schedule_with_warmup,
@@ -454,24 +523,10 @@ class MaskedDiffusionLM(pl.LightningModule):
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = min(hp.warmup_steps, total)
         if hp.lr_schedule == "cosine":
-            sched = get_cosine_with_min_lr_schedule_with_warmup(opt, warmup, total, min_lr_rate=hp.min_lr_ratio)
+            sched = get_cosine_with_min_lr_schedule_with_warmup(opt, warmup, total,
+                                                                min_lr_rate=hp.min_lr_ratio)
         elif hp.lr_schedule == "linear":
             sched = get_linear_schedule_with_warmup(opt, warmup, total)
         else:
             sched = get_constant_schedule_with_warmup(opt, warmup)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
-def load_model(path: str, map_location: str | torch.device = "cpu") -> MaskedDiffusionLM:
-    """Load a model for inference from a Lightning checkpoint (``.ckpt``)."""
-    import os
-
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--model {path!r}: no such checkpoint file or export folder")
-    if os.path.isdir(path):
-        from .export import load_exported
-
-        return load_exported(path, map_location=map_location)
-    model = MaskedDiffusionLM.load_from_checkpoint(path, map_location=map_location)
-    model.eval()
-    return model

@@ -1,23 +1,19 @@
 """The forward masking process and the masked-diffusion NELBO (MDLM / SUBS, continuous time).
 
-Plain torch, no Lightning. The model is any *denoiser*::
-
-    denoiser(input_ids[B, L], attention_mask[B, L], query[B, L] bool) -> logits[N, V] (float32)
-
-returning logits only at the ``query`` positions (row-major order), with the [MASK] column at -inf.
-Computing the LM head only at masked positions is what keeps a 256k vocabulary affordable
-(dLLM and MDLM materialise full-vocabulary logits at every position).
+Plain torch, no Lightning. The model is any *denoiser* (:mod:`diffusion_lm.denoiser`): logits
+only at the queried (masked) positions, with the [MASK] column at -inf.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
 
+from .denoiser import Denoiser
 from .schedules import NoiseSchedule
+from .seeding import counter_uniform, counter_uniform_at
 
 __all__ = [
     "Denoiser",
@@ -27,53 +23,6 @@ __all__ = [
     "counter_uniform_at",
     "masked_diffusion_nelbo",
 ]
-
-_M64 = (1 << 64) - 1
-
-
-def _signed(c: int) -> int:
-    """A 64-bit constant as a signed int64 (torch has no uint64 arithmetic)."""
-    return c - (1 << 64) if c >= 1 << 63 else c
-
-
-def _mix64(x: torch.Tensor) -> torch.Tensor:
-    """splitmix64's finaliser on int64 tensors (wrapping multiply; logical shifts emulated by masking)."""
-    x = x ^ ((x >> 30) & ((1 << 34) - 1))
-    x = x * _signed(0xBF58476D1CE4E5B9)
-    x = x ^ ((x >> 27) & ((1 << 37) - 1))
-    x = x * _signed(0x94D049BB133111EB)
-    return x ^ ((x >> 31) & ((1 << 33) - 1))
-
-
-def counter_uniform_at(seed: int, step: int, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Uniforms in [0, 1) that depend only on ``(seed, step, key, position)``, elementwise.
-
-    ``keys`` and ``positions`` are int tensors of one shape (e.g. ``[B, L]``: the global index of the
-    example each token belongs to, and the token's position inside that example). A counter-based
-    stream: the mask of a token does not depend on the rank, micro-batch, row or packed neighbours it
-    lands with, so N ranks (or N micro-batches, or packed rows) train exactly like one process with
-    the whole batch, and every rank still draws different masks (MDLM seeded every rank alike).
-    """
-    key = _mix64(torch.tensor(_signed((seed * 0x9E3779B97F4A7C15 + step) & _M64), dtype=torch.int64))
-    base = _mix64(key.to(keys.device) + keys.to(torch.int64) * _signed(0xD1B54A32D192ED03))
-    bits = _mix64(base + positions.to(torch.int64) * _signed(0x9E3779B97F4A7C15))
-    return ((bits >> 11) & ((1 << 53) - 1)).to(torch.float64).mul_(2.0**-53).to(torch.float32)
-
-
-def counter_uniform(seed: int, step: int, rows: torch.Tensor, length: int) -> torch.Tensor:
-    """:func:`counter_uniform_at` for whole rows: ``[len(rows), length]`` uniforms keyed by
-    ``(seed, step, row index, position)``."""
-    pos = torch.arange(length, device=rows.device, dtype=torch.int64)[None, :]
-    return counter_uniform_at(seed, step, rows.to(torch.int64)[:, None].expand(-1, length), pos)
-
-
-class Denoiser(Protocol):
-    """Callable returning float32 logits at the query positions (see module docstring)."""
-
-    def __call__(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query: torch.Tensor
-    ) -> torch.Tensor: ...
-
 
 @dataclass
 class NelboOutput:
@@ -110,14 +59,15 @@ def apply_noise(
     padding) are never masked. The randomness comes from ``uniforms`` (e.g. :func:`counter_uniform`)
     when given, else from ``generator``. Returns ``(noised_ids, masked)``.
     """
-    u = uniforms if uniforms is not None else torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
+    u = uniforms if uniforms is not None else torch.rand(input_ids.shape, generator=generator,
+                                                         device=input_ids.device)
     p = mask_probability.to(u.dtype)
     masked = (u < (p.unsqueeze(1) if p.dim() == 1 else p)) & loss_mask.bool()
     return torch.where(masked, torch.full_like(input_ids, mask_id), input_ids), masked
 
 
 def masked_diffusion_nelbo(
-    denoiser: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    denoiser: Denoiser,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     loss_mask: torch.Tensor,
@@ -136,7 +86,7 @@ def masked_diffusion_nelbo(
     """Monte-Carlo estimate of the masked-diffusion NELBO for one batch.
 
     Args:
-        denoiser: the model (see module docstring).
+        denoiser: the model (:class:`~diffusion_lm.denoiser.Denoiser`).
         input_ids: clean token ids ``[B, L]``.
         attention_mask: 1 for real tokens, 0 for batch padding.
         loss_mask: positions that are noised (the assistant answer, its end token and filler).
@@ -163,7 +113,8 @@ def masked_diffusion_nelbo(
     if metric_mask is None:
         metric_mask = loss_weight > 0
     metric_mask = metric_mask.bool() & loss_mask
-    noised, masked = apply_noise(input_ids, loss_mask, schedule.mask_probability(t), mask_id, generator, uniforms)
+    noised, masked = apply_noise(input_ids, loss_mask, schedule.mask_probability(t), mask_id, generator,
+                                 uniforms)
 
     query = masked
     if not bool(masked.any()):
@@ -200,7 +151,8 @@ def masked_diffusion_nelbo(
     else:
         seq_tokens = torch.zeros(n_groups, dtype=torch.float64, device=input_ids.device)
         member = metric_mask & (token_groups >= 0)
-        seq_tokens.index_add_(0, token_groups[member], torch.ones_like(token_groups[member], dtype=torch.float64))
+        seq_tokens.index_add_(0, token_groups[member],
+                              torch.ones_like(token_groups[member], dtype=torch.float64))
     return NelboOutput(
         loss=loss,
         seq_nelbo=seq_nelbo,

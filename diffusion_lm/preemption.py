@@ -71,7 +71,8 @@ class PreemptionCheckpoint(Callback):
             if key not in signal.Signals.__members__:
                 if key in ("SIGUSR1", "SIGUSR2"):  # not on Windows
                     continue
-                raise ConfigError(f"PreemptionCheckpoint: unknown signal {name!r}; use names such as SIGTERM or SIGUSR1")
+                raise ConfigError(f"PreemptionCheckpoint: unknown signal {name!r}; use names such as SIGTERM "
+                                  "or SIGUSR1")
             if key in ("SIGKILL", "SIGSTOP"):
                 raise ConfigError(f"PreemptionCheckpoint: {key} cannot be caught; use SIGTERM or SIGUSR1")
             self.signals.append(signal.Signals[key])
@@ -128,7 +129,8 @@ class PreemptionCheckpoint(Callback):
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._restore()
 
-    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+                     exception: BaseException) -> None:
         self._restore()
 
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -161,8 +163,8 @@ class PreemptionCheckpoint(Callback):
         trainer.save_checkpoint(path, weights_only=False)
         name = signal.Signals(signum).name
         if trainer.is_global_zero:
-            print(f"diffusion-lm: {name} received: saved {path} at step {trainer.global_step}; exiting with code "
-                  f"{128 + signum}. Resume with --ckpt_path {path}", file=sys.stderr, flush=True)
+            print(f"diffusion-lm: {name} received: saved {path} at step {trainer.global_step}; exiting with "
+                  f"code {128 + signum}. Resume with --ckpt_path {path}", file=sys.stderr, flush=True)
         raise Preempted(signum, path)
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any,
@@ -177,7 +179,8 @@ class PreemptionCheckpoint(Callback):
 def add_default(callbacks: Any, factory: Callable[[], Callback] = PreemptionCheckpoint) -> list:
     """``callbacks`` (None, one callback or a list) with a default ``PreemptionCheckpoint`` added
     unless one is configured."""
-    items = [] if callbacks is None else list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+    items = [] if callbacks is None else list(callbacks) if isinstance(callbacks,
+                                                                       (list, tuple)) else [callbacks]
     if not any(isinstance(cb, PreemptionCheckpoint) for cb in items):
         items.append(factory())
     return items

@@ -26,7 +26,12 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
+from .backbone import ScratchBackbone
+from .chat import DEFAULT_ROLE_HEADERS
+from .checkpoint_io import read_checkpoint_file
 from .errors import ConfigError
+from .files import is_temp_file
+from .schedules import LogLinearSchedule, NoiseSchedule
 
 __all__ = [
     "ARCHITECTURE_KEYS",
@@ -60,16 +65,12 @@ def _plain(value: Any) -> Any:
 def _normal(key: str, value: Any) -> Any:
     """A comparable form of one hyperparameter (defaults filled in, CLI dicts == Python objects)."""
     if key == "backbone" and not isinstance(value, str):
-        from .backbone import ScratchBackbone
-
         fields = {f.name for f in dataclasses.fields(ScratchBackbone)}
         plain = _plain(value)
         if isinstance(plain, dict) and set(plain) <= fields:
             return _plain(ScratchBackbone(**plain))
         return plain
     if key == "schedule":
-        from .schedules import LogLinearSchedule, NoiseSchedule
-
         if value is None:
             value = LogLinearSchedule()
         if isinstance(value, NoiseSchedule):
@@ -79,8 +80,6 @@ def _normal(key: str, value: Any) -> Any:
             return {"class_path": plain["class_path"], "init_args": plain.get("init_args") or {}}
         return plain
     if key == "role_headers":
-        from .data.template import DEFAULT_ROLE_HEADERS
-
         return dict(DEFAULT_ROLE_HEADERS, **(_plain(value) or {}))
     return _plain(value)
 
@@ -97,7 +96,8 @@ def architecture_conflicts(saved: Mapping, current: Mapping) -> dict[str, tuple[
 
 def changed_hparams(saved: Mapping, current: Mapping) -> dict[str, tuple[Any, Any]]:
     """``{key: (checkpoint value, current value)}`` for the other hyperparameters that differ."""
-    keys = [k for k in dict.fromkeys([*saved, *current]) if not str(k).startswith("_") and k not in ARCHITECTURE_KEYS]
+    keys = [k for k in dict.fromkeys([*saved,
+                                      *current]) if not str(k).startswith("_") and k not in ARCHITECTURE_KEYS]
     out = {}
     for key in keys:
         old, new = _normal(key, saved.get(key)), _normal(key, current.get(key))
@@ -119,11 +119,12 @@ def check_resume(saved: Mapping, current: Mapping, where: str) -> None:
         if isinstance(old, dict) and isinstance(new, dict):  # name the field: model.backbone.hidden_size
             field = next(k for k in dict.fromkeys([*old, *new]) if old.get(k) != new.get(k))
             key, old, new = f"{key}.{field}", old.get(field), new.get(field)
-        others = f" (also {', '.join('model.' + k for k in list(conflicts)[1:])})" if len(conflicts) > 1 else ""
+        also = ", ".join("model." + k for k in list(conflicts)[1:])
+        others = f" (also {also})" if also else ""
         raise ConfigError(
-            f"model.{key} differs from the checkpoint {where}{others}: checkpoint {_short(old)}, config {_short(new)}; "
-            f"a resumed run keeps the model it was trained with: set model.{key} back, or start a new run "
-            "without --ckpt_path"
+            f"model.{key} differs from the checkpoint {where}{others}: checkpoint {_short(old)}, config "
+            f"{_short(new)}; a resumed run keeps the model it was trained with: set model.{key} back, or "
+            "start a new run without --ckpt_path"
         )
 
 
@@ -177,10 +178,9 @@ def find_last_checkpoint(default_root_dir: Optional[str], dirpaths: Sequence[str
     a new ``version_<n>`` folder: the previous run's ``last.ckpt`` is never found and training
     silently starts over. Looking at every version makes ``--ckpt_path last`` resume after a restart.
     """
-    from .files import is_temp_file
-
     root = Path(default_root_dir or os.getcwd())
-    folders = [Path(d) for d in dirpaths if d] + [root, root / "checkpoints"] + list(root.glob("*/*/checkpoints"))
+    folders = [Path(d) for d in dirpaths if d] + [root,
+                                                  root / "checkpoints"] + list(root.glob("*/*/checkpoints"))
     found = []
     for folder in folders:
         for path in folder.glob("last*.ckpt"):
@@ -197,10 +197,6 @@ def read_checkpoint(path: str) -> Optional[dict]:
 
     Raises a one-line :class:`ConfigError` for a missing or unreadable (truncated) file.
     """
-    import torch
-
-    from .checkpoint_io import unreadable_checkpoint_message
-
     if "://" in path or path in _SPECIAL_PATHS or path == "last" or path.startswith("registry:"):
         return None
     file = Path(path).expanduser()
@@ -208,7 +204,4 @@ def read_checkpoint(path: str) -> Optional[dict]:
         raise ConfigError(f"--ckpt_path {path}: no such checkpoint file")
     if file.is_dir():  # FSDP / DeepSpeed sharded checkpoints are folders
         return None
-    try:
-        return torch.load(file, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as err:  # truncated zip, not a checkpoint at all, ...
-        raise ConfigError(f"--ckpt_path: {unreadable_checkpoint_message(path, err)}") from None
+    return read_checkpoint_file(path)

@@ -13,9 +13,12 @@ and pass it by class path (``--model.schedule=my_pkg.MySchedule``) to use your o
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import torch
+
+from .errors import ConfigError
 
 __all__ = [
     "NoiseSchedule",
@@ -63,10 +66,6 @@ class NoiseSchedule:
     @staticmethod
     def from_config(spec: dict) -> "NoiseSchedule":
         """The schedule a :meth:`to_config` dict describes (its class is imported by path)."""
-        import importlib
-
-        from .errors import ConfigError
-
         path = str(spec.get("class_path", ""))
         module_name, _, name = path.rpartition(".")
         try:

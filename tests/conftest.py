@@ -29,11 +29,14 @@ def tiny_backbone() -> ScratchBackbone:
 
 
 DIALOGS = [
-    {"messages": [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "Hi! How can I help?"}]},
+    {"messages": [{"role": "user", "content": "Hello there"},
+                  {"role": "assistant", "content": "Hi! How can I help?"}]},
     {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
                   {"role": "assistant", "content": "Four."}]},
-    {"messages": [{"role": "user", "content": "Как дела?"}, {"role": "assistant", "content": "Хорошо, спасибо."},
-                  {"role": "user", "content": "Что нового?"}, {"role": "assistant", "content": "Ничего особенного."}]},
+    {"messages": [{"role": "user", "content": "Как дела?"},
+                  {"role": "assistant", "content": "Хорошо, спасибо."},
+                  {"role": "user", "content": "Что нового?"},
+                  {"role": "assistant", "content": "Ничего особенного."}]},
 ] * 8
 
 

@@ -52,7 +52,9 @@ def _bpe(specials: list[str], vocab_size: int = 400, byte_level: bool = True) ->
         tok.normalizer = normalizers.Replace(" ", "▁")
         tok.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
         alphabet = []
-    model = _train(tok, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet,
+    model = _train(tok,
+                   trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                       initial_alphabet=alphabet,
                                             show_progress=False))
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     return model["vocab"], merges
@@ -81,8 +83,9 @@ def modernbert_tokenizer():
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
         special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
     )
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
-                                   pad_token="[PAD]", mask_token="[MASK]", model_max_length=512)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", pad_token="[PAD]", mask_token="[MASK]",
+                                   model_max_length=512)
 
 
 def gemma_tokenizer():
@@ -99,7 +102,9 @@ def bert_tokenizer():
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    model = _train(tok, trainers.WordPieceTrainer(vocab_size=400, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+    model = _train(tok,
+                   trainers.WordPieceTrainer(vocab_size=400,
+                                             special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
                                                   show_progress=False))
     return BertTokenizer(vocab=model["vocab"])
 
@@ -132,13 +137,14 @@ def _ids(tok) -> dict:
     return dict(pad_token_id=tok.pad_token_id, bos_token_id=bos, eos_token_id=eos)
 
 
-def _modernbert_model(tok, vocab_size: Optional[int] = None, hidden: Optional[dict] = None, max_positions: int = 128):
+def _modernbert_model(tok, vocab_size: Optional[int] = None, hidden: Optional[dict] = None,
+                      max_positions: int = 128):
     from transformers import AutoConfig, ModernBertForMaskedLM
 
     ids = _ids(tok)
-    config = AutoConfig.for_model("modernbert", vocab_size=vocab_size or len(tok), max_position_embeddings=max_positions,
-                                  cls_token_id=ids["bos_token_id"], sep_token_id=ids["eos_token_id"], **ids,
-                                  **(hidden or HIDDEN))
+    config = AutoConfig.for_model("modernbert", vocab_size=vocab_size or len(tok),
+                                  max_position_embeddings=max_positions, cls_token_id=ids["bos_token_id"],
+                                  sep_token_id=ids["eos_token_id"], **ids, **(hidden or HIDDEN))
     return ModernBertForMaskedLM(config)
 
 
@@ -154,8 +160,9 @@ def _t5_encoder(tok):
     from transformers import T5Config, T5EncoderModel
 
     config = T5Config(vocab_size=len(tok), d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
-                      feed_forward_proj="gated-gelu", tie_word_embeddings=False, pad_token_id=tok.pad_token_id,
-                      eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id)
+                      feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                      decoder_start_token_id=tok.pad_token_id)
     return T5EncoderModel(config)
 
 
@@ -169,7 +176,8 @@ FACTORIES: dict[str, tuple[Callable, Callable]] = {
 }
 
 
-def make_family(name: str, folder: Path, *, seed: int = 0, config_edit: Optional[Callable] = None, **model_kwargs) -> Path:
+def make_family(name: str, folder: Path, *, seed: int = 0, config_edit: Optional[Callable] = None,
+                **model_kwargs) -> Path:
     """Save a tiny random ``name`` model and its tokenizer into ``folder`` (created) and return it.
 
     ``config_edit(config)`` may change the model config before saving (e.g. drop pad/eos ids);

@@ -13,11 +13,13 @@ import torch
 import uvicorn
 
 from diffusion_lm.data import ChatTemplate
+from diffusion_lm.module import TextGeneration
 
 
-class EchoLM:
+class EchoLM(TextGeneration):
     """Stands in for a loaded ``MaskedDiffusionLM``: the real chat template and tokenizer, and a
-    denoiser whose answer is the last user message, echoed, then EOS.
+    denoiser whose answer is the last user message, echoed, then EOS (``generate`` is the model's own,
+    :class:`~diffusion_lm.module.TextGeneration`).
 
     Logits are exact small numbers computed row by row (target 8, one fixed alternative token 7,
     everything else -20, slightly less confident further right), so answers cannot depend on batch

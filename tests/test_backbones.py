@@ -15,7 +15,12 @@ import pytest
 import torch
 
 from diffusion_lm import ConfigError, DataSource, DialogDataModule, MaskedDiffusionLM
-from diffusion_lm.backbone import Backbone, T5EncoderForMaskedLM, ensure_special_tokens, load_backbone
+from diffusion_lm.backbone import (
+    SparseHeadDenoiser,
+    T5EncoderForMaskedLM,
+    ensure_special_tokens,
+    load_backbone,
+)
 from diffusion_lm.data import CanvasPolicy, ChatTemplate, Turn
 
 from .families import FAMILY_NAMES, make_family, roberta_tokenizer, t5_tokenizer
@@ -49,13 +54,23 @@ def test_family_loads_and_head_split_matches_full_logits(folders, family):
     attention[1, -3:] = 0
     query = torch.zeros_like(x, dtype=torch.bool)
     query[:, -8:-3] = True
-    net = Backbone(model, template.mask_id).eval()
+    net = SparseHeadDenoiser(model, template.mask_id).eval()
     with torch.no_grad():
         full = model(input_ids=x, attention_mask=attention).logits[query].float()
         full[:, template.mask_id] = float("-inf")
         split = net(x, attention, query)
     assert split.shape == (int(query.sum()), model.get_output_embeddings().weight.shape[0])
     torch.testing.assert_close(split, full, rtol=1e-5, atol=1e-5)
+
+
+def test_backbone_is_a_deprecated_name_of_the_sparse_head_denoiser(folders):
+    from diffusion_lm.backbone import Backbone
+
+    model, tokenizer = load_backbone(str(folders["bert"]))
+    with pytest.warns(DeprecationWarning, match="SparseHeadDenoiser"):
+        net = Backbone(model, tokenizer.mask_token_id)
+    assert isinstance(net,
+                      SparseHeadDenoiser) and net.vocab_size == model.get_output_embeddings().weight.shape[0]
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -65,9 +80,10 @@ def test_a_packed_row_computes_what_separate_rows_compute(folders, tmp_path, fam
     gives in a row of its own: attention stays inside a segment and positions restart."""
     folder = folders[family]
     if family == "modernbert":  # a short sliding window, so the local layers' segment mask matters
-        folder = make_family("modernbert", tmp_path / "local", config_edit=lambda c: setattr(c, "local_attention", 4))
+        folder = make_family("modernbert", tmp_path / "local",
+                             config_edit=lambda c: setattr(c, "local_attention", 4))
     model, tokenizer = load_backbone(str(folder), attn_implementation=attn)
-    net = Backbone(model.eval(), tokenizer.mask_token_id)
+    net = SparseHeadDenoiser(model.eval(), tokenizer.mask_token_id)
     g = torch.Generator().manual_seed(0)
     examples = [torch.randint(5, len(tokenizer) - 1, (n,), generator=g) for n in (9, 14, 6)]
     width = max(len(e) for e in examples)
@@ -76,7 +92,8 @@ def test_a_packed_row_computes_what_separate_rows_compute(folders, tmp_path, fam
     for i, e in enumerate(examples):
         rows[i, : len(e)], mask[i, : len(e)] = e, 1
     packed = torch.cat(examples + [torch.full((3,), tokenizer.pad_token_id)])[None]
-    segments = torch.cat([torch.full((len(e),), i + 1) for i, e in enumerate(examples)] + [torch.zeros(3)]).long()[None]
+    pieces = [torch.full((len(e),), i + 1) for i, e in enumerate(examples)]
+    segments = torch.cat(pieces + [torch.zeros(3)]).long()[None]
     with torch.no_grad():
         separate = net(rows, mask, mask.bool())
         together = net(packed, segments, segments > 0)
@@ -88,11 +105,12 @@ def test_t5_encoder_gets_a_mask_token_and_a_fresh_head_tied_to_its_embeddings(fo
 
     encoder = T5EncoderModel.from_pretrained(folders["t5"])
     with caplog.at_level(logging.WARNING, logger="diffusion_lm.backbone"):
-        model, tokenizer = load_backbone(str(folders["t5"]))
+        loaded = load_backbone(str(folders["t5"]))
+    model, tokenizer = loaded
     assert model.training  # ready to fine-tune: from_pretrained's eval mode would silently disable dropout
     model.eval()
     assert isinstance(model, T5EncoderForMaskedLM)
-    assert model.diffusion_lm_fresh_head is True
+    assert loaded.fresh_head is True
     assert "no masked-LM head" in caplog.text
     assert tokenizer.mask_token == "<mask>" and tokenizer.mask_token_id == len(tokenizer) - 1
     assert model.shared.weight.shape[0] == len(tokenizer) == encoder.shared.weight.shape[0] + 1
@@ -101,12 +119,12 @@ def test_t5_encoder_gets_a_mask_token_and_a_fresh_head_tied_to_its_embeddings(fo
     # The pretrained body is intact: same hidden states on the old vocabulary.
     x = torch.tensor([[5, 6, 7, 1]])
     with torch.no_grad():
-        torch.testing.assert_close(model.encoder(input_ids=x).last_hidden_state, encoder(input_ids=x).last_hidden_state)
+        torch.testing.assert_close(model.encoder(input_ids=x).last_hidden_state,
+                                   encoder(input_ids=x).last_hidden_state)
 
 
 def test_models_with_an_mlm_head_are_not_flagged_fresh(folders):
-    model, _ = load_backbone(str(folders["bert"]))
-    assert model.diffusion_lm_fresh_head is False
+    assert load_backbone(str(folders["bert"])).fresh_head is False
 
 
 def test_config_without_pad_and_eos_ids_gets_the_tokenizers(tmp_path):
@@ -128,7 +146,8 @@ def test_tokenizer_without_mask_and_pad_gets_them_and_the_embeddings_grow():
     tokenizer.pad_token = None
     before = len(tokenizer)
     model = AutoModelForMaskedLM.from_config(AutoConfig.for_model(
-        "roberta", vocab_size=before, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
+        "roberta", vocab_size=before, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                                                  intermediate_size=32))
     added = ensure_special_tokens(tokenizer, model)
     assert set(added) == {"mask_token", "pad_token"}
     # "<mask>" / "<pad>" were already in the vocabulary: re-registered, not duplicated.
@@ -152,7 +171,8 @@ def test_new_tokens_grow_the_embeddings(folders):
     model, _ = load_backbone(str(folders["t5"]))
     ensure_special_tokens(tokenizer, model)
     assert model.get_input_embeddings().num_embeddings >= len(tokenizer)
-    assert model.lm_head.decoder.weight is model.shared.weight and model.lm_head.decoder.bias.shape[0] == len(tokenizer)
+    assert model.lm_head.decoder.weight is model.shared.weight
+    assert model.lm_head.decoder.bias.shape[0] == len(tokenizer)
 
 
 @pytest.mark.parametrize("family", ["modernbert", "t5"])
@@ -195,7 +215,8 @@ def test_gemma_size_vocabulary_trains_without_full_vocabulary_logits(tmp_path, m
     folder = make_family("mmbert", tmp_path / "mmbert", vocab_size=vocab, hidden=tiny)
     model = MaskedDiffusionLM(str(folder), warmup_steps=0, health_check=False)
     shapes, positions = [], []
-    model.net.model.get_output_embeddings().register_forward_hook(lambda m, i, out: shapes.append(tuple(out.shape)))
+    head = model.net.model.get_output_embeddings()
+    head.register_forward_hook(lambda m, i, out: shapes.append(tuple(out.shape)))
 
     class Record(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -213,4 +234,5 @@ def test_gemma_size_vocabulary_trains_without_full_vocabulary_logits(tmp_path, m
     batch_positions, masked = positions
     assert shapes == [(masked, vocab)], shapes  # one head call, on the masked positions only
     assert 0 < masked < batch_positions
-    assert not torch.equal(model.net.model.get_input_embeddings().weight, before)  # the step trained the (tied) head
+    # the step trained the (tied) head
+    assert not torch.equal(model.net.model.get_input_embeddings().weight, before)

@@ -30,7 +30,8 @@ ROW_KEYS = {"step", "epoch", "prompt", "language", "answer", "rep3", "longest_ru
 def _parts(data_file: Path):
     model = MaskedDiffusionLM(ScratchBackbone(**TINY), canvas_length=12, health_check=False, warmup_steps=1)
     data = DialogDataModule([DataSource(path=str(data_file), format="messages", language="en", val_size=4)],
-                            batch_size=4, max_length=96, canvas=CanvasPolicy(length=12), validation_prompts=list(PROMPTS))
+                            batch_size=4, max_length=96, canvas=CanvasPolicy(length=12),
+                            validation_prompts=list(PROMPTS))
     return model, data
 
 
@@ -77,7 +78,8 @@ def test_fit_writes_samples_logs_scalars_and_tensorboard_text(tmp_path, messages
     assert metrics["val_samples/rep3_en"] == pytest.approx(sum(r["rep3"] for r in en) / 2, abs=1e-5)
     assert metrics["val_samples/tokens_per_forward"] == pytest.approx(
         sum(r["tokens"] for r in last) / sum(r["nfe"] for r in last))
-    assert {"val_samples/rep3_ru", "val_samples/len_en", "val_samples/nfe", "val_samples/longest_run_en"} <= set(metrics)
+    assert {"val_samples/rep3_ru", "val_samples/len_en", "val_samples/nfe",
+            "val_samples/longest_run_en"} <= set(metrics)
 
     events = b"".join(f.read_bytes() for f in Path(trainer.log_dir).glob("events.out.tfevents.*"))
     assert b"val_samples" in events and "| lang | prompt | answer |".encode() in events
@@ -86,7 +88,8 @@ def test_fit_writes_samples_logs_scalars_and_tensorboard_text(tmp_path, messages
 
 def test_validate_every_n_max_prompts_without_logger(tmp_path, messages_jsonl):
     model, data = _parts(messages_jsonl)
-    callback = ValidationSampling(sampler=_sampler(model), every_n_validations=2, max_prompts=2, filename="s.jsonl")
+    callback = ValidationSampling(sampler=_sampler(model), every_n_validations=2, max_prompts=2,
+                                  filename="s.jsonl")
     trainer = _trainer(tmp_path, callback, logger=False)
     results = [trainer.validate(model, data, verbose=False)[0] for _ in range(3)]
     rows = _rows(tmp_path / "s.jsonl")  # no logger: the run's default_root_dir
@@ -104,14 +107,16 @@ def test_validate_every_n_max_prompts_without_logger(tmp_path, messages_jsonl):
 
 def test_options_and_demo_config():
     assert ValidationSampling().sampler == SamplerConfig.preset("quality")
-    assert ValidationSampling(sampler=str(REPO / "configs/sampler/fast.yaml")).sampler == SamplerConfig.preset("fast")
+    fast_yaml = str(REPO / "configs/sampler/fast.yaml")
+    assert ValidationSampling(sampler=fast_yaml).sampler == SamplerConfig.preset("fast")
     assert ValidationSampling(preset="greedy", sampler={"window": "full"}).sampler == \
         SamplerConfig.preset("greedy", window="full")
     for bad in ({"every_n_validations": 0}, {"max_prompts": 0}, {"canvas_length": -1}, {"preset": "turbo"}):
         with pytest.raises(ConfigError):
             ValidationSampling(**bad)
     demo = yaml.safe_load((REPO / "configs/demo.yaml").read_text(encoding="utf-8"))
-    specs = [c for c in demo["trainer"]["callbacks"] if c["class_path"] == "diffusion_lm.callbacks.ValidationSampling"]
+    specs = [c for c in demo["trainer"]["callbacks"]
+             if c["class_path"] == "diffusion_lm.callbacks.ValidationSampling"]
     assert len(specs) == 1
     assert isinstance(ValidationSampling(**specs[0].get("init_args", {})), ValidationSampling)
 

@@ -111,7 +111,8 @@ def test_cli_installs_the_atomic_writer_unless_another_checkpoint_io_is_given(tm
     args = tiny_cli_args(tmp_path, messages_jsonl)
     cli = DiffusionLMCLI(args=args, run=False)
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
-    cli = DiffusionLMCLI(args=args + ["--trainer.plugins=lightning.pytorch.plugins.TorchCheckpointIO"], run=False)
+    cli = DiffusionLMCLI(args=args + ["--trainer.plugins=lightning.pytorch.plugins.TorchCheckpointIO"],
+                         run=False)
     assert type(cli.trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO"
 
 

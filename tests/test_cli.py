@@ -47,7 +47,8 @@ def _error_of(args, capsys) -> str:
 
 
 def test_unknown_schedule_class_is_one_clear_error(tmp_path, messages_jsonl, capsys):
-    err = _error_of(["fit"] + tiny_cli_args(tmp_path, messages_jsonl, "--model.schedule=no_such.Schedule"), capsys)
+    err = _error_of(["fit"] + tiny_cli_args(tmp_path, messages_jsonl, "--model.schedule=no_such.Schedule"),
+                    capsys)
     assert "schedule" in err
     assert "Traceback" not in err
 

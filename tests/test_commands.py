@@ -13,16 +13,12 @@ import yaml
 from diffusion_lm.cli import main, repeatable_lists
 from diffusion_lm.errors import ConfigError
 from diffusion_lm.sampling import PRESETS, SamplerConfig
-from diffusion_lm.sampling.commands import (
-    ChatSession,
-    build_sampler,
-    generate_command,
-    infill_texts,
-    load_for_inference,
-)
+from diffusion_lm.cli.generate import generate_command
+from diffusion_lm.loading import load_for_inference
+from diffusion_lm.pipeline import ChatSession, build_sampler, infill_texts
 from diffusion_lm.sampling.policies import BlockWindow, SampleProposer, ScheduleSelector, ThresholdSelector
 
-from .conftest import DIALOGS, REPO, tiny_cli_args, write_jsonl
+from .conftest import DIALOGS, REPO, TINY, tiny_cli_args, write_jsonl
 
 MAX_POSITIONS = 128  # TINY's max_position_embeddings
 
@@ -64,8 +60,8 @@ def _error(args, capsys) -> str:
 
 # ------------------------------------------------------------------------------------------ generate
 def test_generate_prompts_print_answers_and_stats(ckpt, no_eos, capsys):
-    main(["generate", "--model", ckpt, "--prompt", "Hello there", "--prompt", "Как дела?", "--sampler", no_eos,
-          "--canvas_length", "8", "--device", "cpu"])
+    main(["generate", "--model", ckpt, "--prompt", "Hello there", "--prompt", "Как дела?", "--sampler",
+          no_eos, "--canvas_length", "8", "--device", "cpu"])
     out = capsys.readouterr().out
     assert ">>> Hello there" in out and ">>> Как дела?" in out
     assert out.count("tokens/forward") == 2 and "[nfe " in out
@@ -76,11 +72,13 @@ def test_generate_jsonl_input_writes_answers_and_stats(ckpt, no_eos, tmp_path, c
     prompts.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in [
         {"id": "a", "prompt": "Hello there"},
         {"prompt": "Что нового?", "language": "ru"},
-        {"id": "c", "messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "Four."},
+        {"id": "c",
+         "messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "Four."},
                                  {"role": "user", "content": "And 3+3?"}]},
     ]) + "\n\n", encoding="utf-8")
     out1, out2 = tmp_path / "batched.jsonl", tmp_path / "single.jsonl"
-    common = ["generate", "--model", ckpt, "--input", str(prompts), "--sampler", no_eos, "--canvas_length", "10"]
+    common = ["generate", "--model", ckpt, "--input", str(prompts), "--sampler", no_eos, "--canvas_length",
+              "10"]
     main(common + ["--output", str(out1), "--batch_size", "3", "--trajectory", str(tmp_path / "t.html")])
     main(common + ["--output", str(out2), "--batch_size", "1"])
     rows = [json.loads(line) for line in out1.read_text(encoding="utf-8").splitlines()]
@@ -128,13 +126,15 @@ class RowLocalDenoiser:
 def test_batch_size_never_changes_answers_of_a_row_local_model(template):
     """The sampler's promise (docs/sampling.md): with a denoiser whose rows do not depend on their
     batch, --batch_size changes nothing, for sampling presets too (per-row random streams)."""
-    from types import SimpleNamespace
-
+    from diffusion_lm import MaskedDiffusionLM, ScratchBackbone
     from diffusion_lm.data import Turn
-    from diffusion_lm.sampling.commands import PromptRecord, answer_prompts
+    from diffusion_lm.pipeline import PromptRecord, answer_prompts
 
-    stub = SimpleNamespace(template=template, max_length=MAX_POSITIONS, hparams=SimpleNamespace(canvas_length=10),
-                           denoise=RowLocalDenoiser(len(template.tokenizer), template.mask_id, template.eos_id))
+    # answer_prompts goes through MaskedDiffusionLM.generate: a tiny model whose denoiser is the table
+    stub = MaskedDiffusionLM(ScratchBackbone(**TINY), canvas_length=10, health_check=False)
+    assert stub.template.prompt_ids([Turn("user", "Hi")]) == template.prompt_ids([Turn("user", "Hi")])
+    assert stub.max_length == MAX_POSITIONS
+    stub.denoise = RowLocalDenoiser(len(template.tokenizer), template.mask_id, template.eos_id)
     texts = ["Hello there", "Что нового?", "What is 2+2? And what is 3+3, please?", "Hi"]
     records = [PromptRecord(i, [Turn("user", t)], t) for i, t in enumerate(texts)]
     for preset in ("quality", "fast"):
@@ -148,7 +148,8 @@ def test_batch_size_never_changes_answers_of_a_row_local_model(template):
 def test_sampler_presets_yaml_files_and_flags(ckpt, tmp_path, capsys):
     for name in PRESETS:
         path = REPO / "configs" / "sampler" / f"{name}.yaml"
-        assert SamplerConfig.from_dict(yaml.safe_load(path.read_text(encoding="utf-8"))) == SamplerConfig.preset(name)
+        from_file = SamplerConfig.from_dict(yaml.safe_load(path.read_text(encoding="utf-8")))
+        assert from_file == SamplerConfig.preset(name)
         assert build_sampler(sampler=str(path)) == SamplerConfig.preset(name)
     assert build_sampler() == SamplerConfig.preset("quality")
     assert build_sampler("fast", "{window: full}").window.name == "full"
@@ -187,7 +188,8 @@ def test_infill_leaves_unmasked_tokens_untouched(model):
     # the text outside the holes is its own tokens, in order: BOS, pieces, EOS
     tpl = model.template
     assert outputs[0].input_ids[:1] == [tpl.bos_id] and outputs[0].input_ids[-1] == tpl.eos_id
-    assert outputs[0].input_ids[1:1 + len(tpl.encode_text("def add(a, b):\n    "))] == tpl.encode_text("def add(a, b):\n    ")
+    head = tpl.encode_text("def add(a, b):\n    ")
+    assert outputs[0].input_ids[1:1 + len(head)] == head
     # re-generating a span of an answer: the chat prompt comes first and stays untouched
     outputs, _ = infill_texts(model, ["Four, [[MASK:3]]."], prompt="What is 2+2?", sampler="greedy")
     from diffusion_lm.data import Turn
@@ -212,22 +214,27 @@ def test_a_literal_mask_token_in_the_text_is_text_not_a_hole(ckpt, model, capsys
 
 
 def test_infill_command_prints_and_writes(ckpt, tmp_path, capsys):
-    main(["infill", "--model", ckpt, "--text", r"def add(a, b):\n    [[MASK:6]]\n    return c", "--preset", "fast"])
+    main(["infill", "--model", ckpt, "--text", r"def add(a, b):\n    [[MASK:6]]\n    return c", "--preset",
+          "fast"])
     out = capsys.readouterr().out
     assert out.startswith("def add(a, b):\n    ") and out.endswith("\n    return c\n")
     source = tmp_path / "texts.jsonl"
-    source.write_text(json.dumps({"id": "x", "text": "Paragraph one. [[MASK:4]] Paragraph two."}) + "\n", encoding="utf-8")
+    source.write_text(json.dumps({"id": "x", "text": "Paragraph one. [[MASK:4]] Paragraph two."}) + "\n",
+                      encoding="utf-8")
     main(["infill", "--model", ckpt, "--input", str(source), "--output", str(tmp_path / "out.jsonl")])
     row = json.loads((tmp_path / "out.jsonl").read_text(encoding="utf-8"))
-    assert row["id"] == "x" and row["filled"].startswith("Paragraph one. ") and row["filled"].endswith(" Paragraph two.")
+    assert row["id"] == "x" and row["filled"].startswith("Paragraph one. ")
+    assert row["filled"].endswith(" Paragraph two.")
     assert len(row["fills"]) == 1 and row["stats"]["nfe"] >= 1
 
 
 # ---------------------------------------------------------------------------------------------- chat
 def test_chat_piped_stdin_keeps_the_conversation(ckpt, no_eos, tmp_path, capsys, monkeypatch):
     transcript = tmp_path / "chat.jsonl"
-    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there\n\nAnd you?\n/reset\nКак дела?\n/quit\nnot read\n"))
-    main(["chat", "--model", ckpt, "--sampler", no_eos, "--canvas_length", "6", "--transcript", str(transcript)])
+    monkeypatch.setattr(sys, "stdin",
+                        io.StringIO("Hello there\n\nAnd you?\n/reset\nКак дела?\n/quit\nnot read\n"))
+    main(["chat", "--model", ckpt, "--sampler", no_eos, "--canvas_length", "6", "--transcript",
+          str(transcript)])
     captured = capsys.readouterr()
     answers = captured.out.splitlines()
     assert len(answers) == 3 and all(answers)
@@ -246,13 +253,13 @@ def test_outputs_are_replaced_whole_and_transcripts_appended(ckpt, no_eos, tmp_p
     out = tmp_path / "answers.jsonl"
     out.write_text("previous answers\n", encoding="utf-8")
     out.chmod(0o644)
-    args = ["generate", "--model", ckpt, "--prompt", "Hello there", "--prompt", "Как дела?", "--sampler", no_eos,
-            "--canvas_length", "4", "--output", str(out)]
+    args = ["generate", "--model", ckpt, "--prompt", "Hello there", "--prompt", "Как дела?", "--sampler",
+            no_eos, "--canvas_length", "4", "--output", str(out)]
     import contextlib
 
-    from diffusion_lm.sampling import commands
+    from diffusion_lm.cli import generate as commands
 
-    real_open = commands._open_output
+    real_open = commands.open_output
 
     @contextlib.contextmanager
     def disk_full_after_one_row(path):
@@ -268,19 +275,21 @@ def test_outputs_are_replaced_whole_and_transcripts_appended(ckpt, no_eos, tmp_p
 
             yield Handle()
 
-    monkeypatch.setattr(commands, "_open_output", disk_full_after_one_row)
+    monkeypatch.setattr(commands, "open_output", disk_full_after_one_row)
     with pytest.raises(OSError):
         main(args)
     monkeypatch.undo()
     assert out.read_text(encoding="utf-8") == "previous answers\n"  # not truncated, not half-written
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     main(args)
-    assert len(out.read_text(encoding="utf-8").splitlines()) == 2 and oct(out.stat().st_mode & 0o777) == "0o644"
+    assert len(out.read_text(encoding="utf-8").splitlines()) == 2
+    assert oct(out.stat().st_mode & 0o777) == "0o644"
 
     transcript = tmp_path / "chat.jsonl"
     transcript.write_text('{"turn": 1, "note": "an earlier session"}\n', encoding="utf-8")
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there\n"))
-    main(["chat", "--model", ckpt, "--sampler", no_eos, "--canvas_length", "4", "--transcript", str(transcript)])
+    main(["chat", "--model", ckpt, "--sampler", no_eos, "--canvas_length", "4", "--transcript",
+          str(transcript)])
     rows = [json.loads(line) for line in transcript.read_text(encoding="utf-8").splitlines()]
     assert rows[0] == {"turn": 1, "note": "an earlier session"} and len(rows) == 2
     assert rows[1]["messages"] == [{"role": "user", "content": "Hello there"}]
@@ -312,8 +321,10 @@ def test_chat_session_prompt_ids_and_context_trimming(model):
     ("generate", ["--prompt", "hi", "--canvas_length", "0"], "--canvas_length must be >= 1"),
     ("generate", ["--prompt", "hi", "--steps", "-2"], "--steps must be >= 1"),
     ("generate", ["--prompt", "hi", "--preset", "turbo"], "unknown sampler preset 'turbo'"),
-    ("generate", ["--prompt", "hi", "--sampler", "{window: wide}"], "unknown window 'wide'; valid names: full, block"),
-    ("generate", ["--prompt", "hi", "--sampler", "{proposer: {name: nucleus}}"], "unknown proposer 'nucleus'"),
+    ("generate", ["--prompt", "hi", "--sampler", "{window: wide}"],
+     "unknown window 'wide'; valid names: full, block"),
+    ("generate", ["--prompt", "hi", "--sampler", "{proposer: {name: nucleus}}"],
+     "unknown proposer 'nucleus'"),
     ("generate", [], "no prompts"),
     ("generate", ["--prompt", "  "], "--prompt number 1 is empty"),
     ("infill", ["--text", "a [[MASK b"], "unclosed '[['"),
@@ -345,7 +356,8 @@ def test_missing_model_and_empty_input(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "no prompt key"}\n', encoding="utf-8")
     assert "line 1" in _error(["generate", "--model", "x.ckpt", "--input", str(bad)], capsys)
-    assert "no such file" in _error(["generate", "--model", "x.ckpt", "--input", str(tmp_path / "none.jsonl")], capsys)
+    assert "no such file" in _error(["generate", "--model", "x.ckpt", "--input",
+                                     str(tmp_path / "none.jsonl")], capsys)
     empty_text = tmp_path / "empty.txt"
     empty_text.write_text("  \n", encoding="utf-8")
     assert "is empty" in _error(["infill", "--model", "x.ckpt", "--input", str(empty_text)], capsys)

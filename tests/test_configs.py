@@ -41,7 +41,8 @@ def _dialog(i: int, ru: bool) -> list[dict]:
     if ru:
         return [{"role": "user", "content": f"Привет! Сколько будет {i} + {i}?"},
                 {"role": "assistant", "content": f"Будет {2 * i}."}]
-    return [{"role": "user", "content": f"Hello! What is {i} + {i}?"}, {"role": "assistant", "content": f"It is {2 * i}."}]
+    return [{"role": "user", "content": f"Hello! What is {i} + {i}?"},
+            {"role": "assistant", "content": f"It is {2 * i}."}]
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +53,11 @@ def snapshots(tmp_path_factory) -> dict[str, Path]:
     tulu.mkdir()
     grandmaster.mkdir()
     (tulu / "train.jsonl").write_text("\n".join(
-        json.dumps({"id": f"t{i}", "messages": _dialog(i, False), "source": "test"}) for i in range(16)), encoding="utf-8")
+        json.dumps({"id": f"t{i}", "messages": _dialog(i, False), "source": "test"}) for i in range(16)),
+                                      encoding="utf-8")
     (grandmaster / "train.jsonl").write_text("\n".join(
-        json.dumps({"conversation": _dialog(i, True)}, ensure_ascii=False) for i in range(16)), encoding="utf-8")
+        json.dumps({"conversation": _dialog(i, True)}, ensure_ascii=False) for i in range(16)),
+                                             encoding="utf-8")
     return {"allenai/tulu-3-sft-mixture": tulu, "Vikhrmodels/GrandMaster-PRO-MAX": grandmaster}
 
 
@@ -82,7 +85,8 @@ def test_seed_recipe_content(recipe):
     assert sources[1]["column"] == "conversation"
     trainer = raw["trainer"]
     assert (trainer["accelerator"], trainer["devices"], trainer["precision"]) == ("gpu", 1, "bf16-mixed")
-    assert raw["data"]["canvas"]["length"] in range(128, 257) and raw["data"]["max_length"] > raw["data"]["canvas"]["length"]
+    canvas = raw["data"]["canvas"]["length"]
+    assert canvas in range(128, 257) and raw["data"]["max_length"] > canvas
     text = recipe.read_text(encoding="utf-8")
     assert "num_nodes" in text and "strategy=ddp" in text  # the scaling-out comment
 
@@ -146,7 +150,8 @@ def test_demo_checkpoints_and_logs_follow_default_root_dir(tmp_path, monkeypatch
     assert list(cwd.iterdir()) == []  # nothing in ./runs/demo
     run = root / "lightning_logs" / "version_0"
     assert {p.name for p in (run / "checkpoints").iterdir()} == {"step=2.ckpt", "last.ckpt"}
-    assert list(run.glob("events.out.tfevents.*")) and (run / "config.yaml").is_file()  # TensorBoard, saved config
+    # TensorBoard, saved config
+    assert list(run.glob("events.out.tfevents.*")) and (run / "config.yaml").is_file()
     # The Makefile's generate step finds the checkpoint with its glob, relative to the demo's folder.
     glob = next(line for line in (REPO / "Makefile").read_text().splitlines() if line.startswith("DEMO_CKPT"))
     pattern = glob.split("ls -td ", 1)[1].split(" |", 1)[0]

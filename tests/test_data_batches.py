@@ -46,7 +46,8 @@ def test_sampler_prompt_is_the_training_prefix(tmp_path, messages_jsonl, family)
     backbone = ScratchBackbone(**TINY) if family == "demo" else str(make_family(family, tmp_path / family))
     model = MaskedDiffusionLM(backbone, warmup_steps=0, health_check=False)
     data = DialogDataModule([DataSource(str(messages_jsonl), val_size=0)], batch_size=32, max_length=128,
-                            canvas=CanvasPolicy(length=32), train_turns="all", cache_dir=str(tmp_path / "cache"))
+                            canvas=CanvasPolicy(length=32), train_turns="all",
+                            cache_dir=str(tmp_path / "cache"))
     batches = []
 
     class Capture(pl.Callback):
@@ -77,13 +78,15 @@ def test_sampler_prompt_is_the_training_prefix(tmp_path, messages_jsonl, family)
 
 def test_loss_mask_covers_answers_never_prompts(template):
     conv = _turns(DIALOGS[2])  # user, assistant, user, assistant (Russian)
-    builder = ExampleBuilder(template, DataSource("x.jsonl"), CanvasPolicy(length=20), 96, "all", False, "train")
+    builder = ExampleBuilder(template, DataSource("x.jsonl"), CanvasPolicy(length=20), 96, "all", False,
+                             "train")
     out = builder.run([DIALOGS[2]], [0])
     assert out["turn"] == [1, 3]  # every assistant turn, each with its own context
     assert out["prompt_ids"][1] == template.prompt_ids(conv[:3])
     assert out["prompt_ids"][1][: len(out["prompt_ids"][0]) + len(out["answer_ids"][0])] == (
         out["prompt_ids"][0] + out["answer_ids"][0])  # the first answer is context of the second
-    last = ExampleBuilder(template, DataSource("x.jsonl"), CanvasPolicy(length=20), 96, "last", False, "train")
+    last = ExampleBuilder(template, DataSource("x.jsonl"), CanvasPolicy(length=20), 96, "last", False,
+                          "train")
     assert last.run([DIALOGS[2]], [0])["turn"] == [3]
 
     examples = [{"prompt_ids": p, "answer_ids": a} for p, a in zip(out["prompt_ids"], out["answer_ids"])]
@@ -120,18 +123,20 @@ def test_canvas_policy_filler_and_weights(template, mode):
 
 def test_overflow_drop_or_truncate_without_an_end_token(template):
     long_answer = "one two three four five six seven eight nine ten eleven twelve"
-    record = {"messages": [{"role": "user", "content": "Count."}, {"role": "assistant", "content": long_answer}]}
+    record = {"messages": [{"role": "user", "content": "Count."},
+                           {"role": "assistant", "content": long_answer}]}
     full = template.answer_ids(long_answer)
     assert len(full) > 8
     drop = ExampleBuilder(template, DataSource("x.jsonl"), CanvasPolicy(length=8), 64, "last", False, "train")
     assert drop.run([record], [0])["reason"] == ["answer_too_long"]
-    cut = ExampleBuilder(template, DataSource("x.jsonl"), CanvasPolicy(length=8, overflow="truncate"), 64, "last",
-                         False, "train")
+    cut = ExampleBuilder(template, DataSource("x.jsonl"), CanvasPolicy(length=8, overflow="truncate"), 64,
+                         "last", False, "train")
     out = cut.run([record], [0])
     assert out["reason"] == [""] and out["truncated"] == [True]
     assert out["answer_ids"][0] == full[:8] and template.eos_id not in out["answer_ids"][0]
     ex = {"prompt_ids": out["prompt_ids"][0], "answer_ids": out["answer_ids"][0], "truncated": True}
-    short = {"prompt_ids": out["prompt_ids"][0], "answer_ids": template.answer_ids("Yes."), "truncated": False}
+    short = {"prompt_ids": out["prompt_ids"][0], "answer_ids": template.answer_ids("Yes."),
+             "truncated": False}
     batch = DiffusionCollator(template.pad_id, CanvasPolicy(length=8, overflow="truncate"))([ex, short])
     assert batch["truncated"].tolist() == [True, False]
     p = len(ex["prompt_ids"])
@@ -140,11 +145,14 @@ def test_overflow_drop_or_truncate_without_an_end_token(template):
 
 
 def test_prompt_limit_is_max_length_minus_canvas(template):
-    record = {"messages": [{"role": "user", "content": "a b c d e f g h i j"}, {"role": "assistant", "content": "k"}]}
+    record = {"messages": [{"role": "user", "content": "a b c d e f g h i j"},
+                           {"role": "assistant", "content": "k"}]}
     p = len(template.prompt_ids(_turns(record)[:1]))
-    fits = ExampleBuilder(template, DataSource("x.jsonl"), CanvasPolicy(length=8), p + 8, "last", False, "train")
+    fits = ExampleBuilder(template, DataSource("x.jsonl"), CanvasPolicy(length=8), p + 8, "last", False,
+                          "train")
     assert fits.run([record], [0])["reason"] == [""]
-    too_long = ExampleBuilder(template, DataSource("x.jsonl"), CanvasPolicy(length=8), p + 7, "last", False, "train")
+    too_long = ExampleBuilder(template, DataSource("x.jsonl"), CanvasPolicy(length=8), p + 7, "last", False,
+                              "train")
     assert too_long.run([record], [0])["reason"] == ["prompt_too_long"]
 
 
@@ -154,7 +162,8 @@ def test_multi_turn_drops_only_the_answers_that_do_not_fit(tmp_path, template):
         {"role": "user", "content": "First question?"}, {"role": "assistant", "content": "First answer."},
         {"role": "user", "content": "word " * 30}, {"role": "assistant", "content": "Second answer."},
     ]}
-    builder = ExampleBuilder(template, DataSource("x.jsonl"), CanvasPolicy(length=8), 40, "all", False, "train")
+    builder = ExampleBuilder(template, DataSource("x.jsonl"), CanvasPolicy(length=8), 40, "all", False,
+                             "train")
     out = builder.run([record], [0])
     kept = [t for t, r in zip(out["turn"], out["reason"]) if not r]
     dropped = [(r, partial) for r, partial in zip(out["reason"], out["partial"]) if r]
@@ -165,7 +174,8 @@ def test_multi_turn_drops_only_the_answers_that_do_not_fit(tmp_path, template):
 
 
 def _shards(lengths, batch_size, world, epoch=0, **kw):
-    samplers = [LengthGroupedBatchSampler(lengths, batch_size, rank=r, world_size=world, seed=5, group_batches=4, **kw)
+    samplers = [LengthGroupedBatchSampler(lengths, batch_size, rank=r, world_size=world, seed=5,
+                                          group_batches=4, **kw)
                 for r in range(world)]
     for s in samplers:
         s.set_epoch(epoch)
@@ -214,8 +224,9 @@ def test_eval_sampler_is_sorted_complete_and_even_across_ranks():
 
 
 def test_datamodule_loaders_shard_over_ranks(tmp_path, messages_jsonl):
-    data = DialogDataModule([DataSource(str(messages_jsonl), val_size=4)], tokenizer=DEMO_TOKENIZER, batch_size=2,
-                            max_length=96, canvas=CanvasPolicy(length=16), cache_dir=str(tmp_path / "cache"))
+    data = DialogDataModule([DataSource(str(messages_jsonl), val_size=4)], tokenizer=DEMO_TOKENIZER,
+                            batch_size=2, max_length=96, canvas=CanvasPolicy(length=16),
+                            cache_dir=str(tmp_path / "cache"))
     data.setup("fit")
 
     class FakeTrainer:  # the two attributes the data module reads
@@ -255,7 +266,8 @@ def test_packed_batches_fill_rows_and_keep_every_example(template):
     canvas = CanvasPolicy(mode="none", length=8)
     sizes = [len(e["prompt_ids"]) + len(e["answer_ids"]) for e in examples]
     padded = DiffusionCollator(template.pad_id, canvas, pad_to_multiple_of=1)(examples)
-    packed = DiffusionCollator(template.pad_id, canvas, pad_to_multiple_of=1, pack_length=sum(sizes) - 1)(examples)
+    packed = DiffusionCollator(template.pad_id, canvas, pad_to_multiple_of=1,
+                               pack_length=sum(sizes) - 1)(examples)
     assert padded["input_ids"].shape[0] == 4 and packed["input_ids"].shape[0] == 2
     assert int(packed["attention_mask"].max()) == 3  # three segments in the first row
     for key in ("input_ids", "loss_mask", "loss_weight", "metric_mask", "position"):

@@ -7,7 +7,6 @@ import json
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -104,7 +103,8 @@ def test_validation_split_is_held_out_with_a_fixed_seed(tmp_path, corpora):
 
 def test_streaming_source(tmp_path):
     path = _dialogs(tmp_path / "stream.jsonl", 60, "x", bad_every=10)  # records 9, 19, ... have no answer
-    dm = _dm([DataSource(str(path), streaming=True, val_size=8)], tmp_path, total_samples=40, shuffle_buffer=16)
+    dm = _dm([DataSource(str(path), streaming=True, val_size=8)], tmp_path, total_samples=40,
+             shuffle_buffer=16)
     dm.setup("fit")
     # Validation: the first 8 records (a rule with no seed), materialised once.
     assert sorted(dm.val_dataset["index"]) == list(range(8))
@@ -124,8 +124,10 @@ def test_streaming_source(tmp_path):
 
 def test_streaming_mix_proportions_and_rank_shards(tmp_path, corpora):
     # interleave_datasets draws each example's source at random: enough draws for a tight tolerance.
-    sources = [DataSource(str(_dialogs(tmp_path / "en.jsonl", 1000, "e")), weight=0.8, val_size=0, streaming=True),
-               DataSource(str(_dialogs(tmp_path / "ru.jsonl", 250, "r")), weight=0.2, val_size=0, streaming=True)]
+    sources = [DataSource(str(_dialogs(tmp_path / "en.jsonl", 1000, "e")), weight=0.8, val_size=0,
+                          streaming=True),
+               DataSource(str(_dialogs(tmp_path / "ru.jsonl", 250, "r")), weight=0.2, val_size=0,
+                          streaming=True)]
     dm = _dm(sources, tmp_path, total_samples=1200, batch_size=50, shuffle_buffer=100)
     dm.setup("fit")
     sources_seen = Counter(s for batch in dm.train_dataloader() for s in batch["source"])

@@ -64,7 +64,8 @@ TULU_ROWS = [
 ]
 GRANDMASTER_ROWS = [
     {"conversation": [{"role": "user", "content": "Как дела?"}, {"role": "assistant", "content": "Хорошо."}]},
-    {"conversation": [{"role": "system", "content": "Отвечай кратко."}, {"role": "user", "content": "Столица России?"},
+    {"conversation": [{"role": "system", "content": "Отвечай кратко."},
+                      {"role": "user", "content": "Столица России?"},
                       {"role": "assistant", "content": "Москва."}]},
     {"conversation": [{"role": "user", "content": "Привет"}, {"role": "assistant", "content": "Привет!"}]},
 ]
@@ -72,7 +73,8 @@ GRANDMASTER_ROWS = [
 
 def test_hub_layout_folders_get_the_dataset_card_defaults(tmp_path, template):
     tulu = _hub_folder(tmp_path, "tulu-3-sft-mixture", {"train": TULU_ROWS})
-    grandmaster = _hub_folder(tmp_path, "GrandMaster-PRO-MAX", {"train": GRANDMASTER_ROWS, "test": GRANDMASTER_ROWS[:1]})
+    grandmaster = _hub_folder(tmp_path, "GrandMaster-PRO-MAX",
+                              {"train": GRANDMASTER_ROWS, "test": GRANDMASTER_ROWS[:1]})
     tulu_src, gm_src = DataSource(str(tulu), val_size=0), DataSource(str(grandmaster), val_size=0)
     assert (tulu_src.column, tulu_src.language) == ("messages", "en")
     assert (gm_src.column, gm_src.language) == ("conversation", "ru")
@@ -90,9 +92,11 @@ def test_hub_layout_folders_get_the_dataset_card_defaults(tmp_path, template):
         for row in rows:
             expected = template.answer_ids(row[key][-1]["content"])
             assert (label, tuple(expected)) in got
-    assert set(zip(train["source"], train["language"])) == {("tulu-3-sft-mixture", "en"), ("GrandMaster-PRO-MAX", "ru")}
+    assert set(zip(train["source"], train["language"])) == {("tulu-3-sft-mixture", "en"),
+                                                            ("GrandMaster-PRO-MAX", "ru")}
     # split: test reads the card's held-out split through the same call.
-    assert len(load_raw(DataSource(str(grandmaster), split="test"), cache_dir=str(tmp_path / "hf-cache"))) == 1
+    assert len(load_raw(DataSource(str(grandmaster), split="test"),
+                        cache_dir=str(tmp_path / "hf-cache"))) == 1
 
 
 def test_messages_files_jsonl_json_and_parquet(tmp_path, template):
@@ -105,8 +109,8 @@ def test_messages_files_jsonl_json_and_parquet(tmp_path, template):
     parquet = tmp_path / "chat.parquet"
     pq.write_table(pa.Table.from_pylist(rows), parquet)
     expected = sorted(template.answer_ids(r["messages"][-1]["content"]) for r in rows)
-    for source in (DataSource(str(jsonl)), DataSource(str(array_json)), DataSource(str(nested_json), json_field="data"),
-                   DataSource(str(parquet))):
+    for source in (DataSource(str(jsonl)), DataSource(str(array_json)),
+                   DataSource(str(nested_json), json_field="data"), DataSource(str(parquet))):
         source.val_size = 0
         dm = _dm([source], tmp_path)
         dm.setup("fit")
@@ -115,9 +119,11 @@ def test_messages_files_jsonl_json_and_parquet(tmp_path, template):
 
 def test_sharegpt_and_custom_keys(tmp_path, template):
     sharegpt = write_jsonl(tmp_path / "sharegpt.jsonl", [
-        {"id": "1", "conversations": [{"from": "system", "value": "Be nice."}, {"from": "human", "value": "Hi!"},
+        {"id": "1",
+         "conversations": [{"from": "system", "value": "Be nice."}, {"from": "human", "value": "Hi!"},
                                       {"from": "gpt", "value": "Hello, friend."}]},
-        {"id": "2", "conversations": [{"from": "human", "value": "Привет"}, {"from": "gpt", "value": "Здравствуй."}]},
+        {"id": "2",
+         "conversations": [{"from": "human", "value": "Привет"}, {"from": "gpt", "value": "Здравствуй."}]},
     ])
     custom = write_jsonl(tmp_path / "custom.jsonl", [
         {"dialog": [{"speaker": "client", "text": "Open the door."}, {"speaker": "ai", "text": "Done."}]},
@@ -131,7 +137,8 @@ def test_sharegpt_and_custom_keys(tmp_path, template):
     for text in ("Hello, friend.", "Здравствуй.", "Done."):
         assert tuple(template.answer_ids(text)) in answers
     # The system prompt is part of the context of the answer it precedes.
-    conv = to_conversation({"conversations": [{"from": "system", "value": "Be nice."}, {"from": "human", "value": "Hi!"},
+    conv = to_conversation({"conversations": [{"from": "system", "value": "Be nice."},
+                                              {"from": "human", "value": "Hi!"},
                                               {"from": "gpt", "value": "Hello, friend."}]},
                            DataSource(str(sharegpt), format="sharegpt"))
     assert [t.role for t in conv.turns] == ["system", "user", "assistant"]
@@ -148,13 +155,14 @@ def test_source_system_prompt_is_added_where_a_dialog_has_none(template):
 
 
 def test_prompt_response_jsonl_and_csv(tmp_path, template):
-    rows = [{"instruction": "Say hi", "output": "Hi!", "sys": "Be warm."}, {"instruction": "Say bye", "output": "Bye!", "sys": ""}]
+    rows = [{"instruction": "Say hi", "output": "Hi!", "sys": "Be warm."},
+            {"instruction": "Say bye", "output": "Bye!", "sys": ""}]
     jsonl = write_jsonl(tmp_path / "pr.jsonl", rows)
     csv = tmp_path / "pr.csv"
     csv.write_text("instruction,output,sys\nSay hi,Hi!,Be warm.\nSay bye,Bye!,\n", encoding="utf-8")
     for path in (jsonl, csv):
-        source = DataSource(str(path), format="prompt_response", prompt_column="instruction", response_column="output",
-                            system_column="sys", val_size=0)
+        source = DataSource(str(path), format="prompt_response", prompt_column="instruction",
+                            response_column="output", system_column="sys", val_size=0)
         dm = _dm([source], tmp_path)
         dm.setup("fit")
         train = dm.train_dataset
@@ -163,7 +171,8 @@ def test_prompt_response_jsonl_and_csv(tmp_path, template):
         for turns in system_turns:
             assert by_answer[tuple(template.answer_ids(turns[-1].content))] == template.prompt_ids(turns[:-1])
         assert [t.role for t in system_turns[0]] == ["system", "user", "assistant"]
-        assert [t.role for t in system_turns[1]] == ["user", "assistant"]  # an empty system column adds nothing
+        # an empty system column adds nothing
+        assert [t.role for t in system_turns[1]] == ["user", "assistant"]
 
 
 def test_chatterbot_english_and_russian(tmp_path):
@@ -171,7 +180,8 @@ def test_chatterbot_english_and_russian(tmp_path):
               DataSource("chatterbot", language="ru", categories=["food"], val_size=0)], tmp_path,
              train_turns="all", max_length=96, canvas=CanvasPolicy(length=32))
     dm.setup("fit")
-    assert {s["name"]: s["language"] for s in dm.summary["sources"]} == {"chatterbot-en": "en", "chatterbot-ru": "ru"}
+    assert {s["name"]: s["language"] for s in dm.summary["sources"]} == {"chatterbot-en": "en",
+                                                                         "chatterbot-ru": "ru"}
     assert set(dm.summary["per_language"]) == {"en", "ru"} and all(dm.summary["per_language"].values())
     with pytest.raises(ConfigError, match="no categories"):
         load_raw(DataSource("chatterbot", language="ru", categories=["no-such-topic"]))
@@ -182,15 +192,21 @@ BAD_ROWS = [
     ("missing_column", {"other": 1}),
     ("empty_conversation", {"messages": []}),
     ("missing_role", {"messages": [{"content": "hi"}, {"role": "assistant", "content": "x"}]}),
-    ("unknown_role", {"messages": [{"role": "tool", "content": "{}"}, {"role": "assistant", "content": "x"}]}),
+    ("unknown_role",
+     {"messages": [{"role": "tool", "content": "{}"}, {"role": "assistant", "content": "x"}]}),
     ("missing_content", {"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}),
-    ("empty_content", {"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "x"}]}),
+    ("empty_content",
+     {"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "x"}]}),
     ("no_assistant_turn", {"messages": [{"role": "user", "content": "anyone?"}]}),
-    ("last_turn_not_assistant", {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+    ("last_turn_not_assistant",
+     {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
                                               {"role": "user", "content": "c"}]}),
-    ("no_user_turn", {"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "b"}]}),
-    ("prompt_too_long", {"messages": [{"role": "user", "content": "word " * 80}, {"role": "assistant", "content": "ok"}]}),
-    ("answer_too_long", {"messages": [{"role": "user", "content": "long?"}, {"role": "assistant", "content": "word " * 40}]}),
+    ("no_user_turn",
+     {"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "b"}]}),
+    ("prompt_too_long",
+     {"messages": [{"role": "user", "content": "word " * 80}, {"role": "assistant", "content": "ok"}]}),
+    ("answer_too_long",
+     {"messages": [{"role": "user", "content": "long?"}, {"role": "assistant", "content": "word " * 40}]}),
 ]
 GOOD = {"messages": [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi there."}]}
 
@@ -219,18 +235,20 @@ def test_types_arrow_cannot_mix_are_counted_too(template):
         {"messages": "not a list"},
         {"messages": ["not an object"]},
         {"messages": [{"role": "user", "content": 42}, {"role": "assistant", "content": "x"}]},
-        {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}, {"role": "assistant", "content": "x"}]},
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                      {"role": "assistant", "content": "x"}]},
         {"messages": [{"role": 7, "content": "hi"}, {"role": "assistant", "content": "x"}]},
         GOOD,
     ]
     out = builder.run(records, range(len(records)))
-    assert out["reason"] == ["malformed_messages", "malformed_messages", "non_string_content", "non_string_content",
-                             "unknown_role", ""]
+    assert out["reason"] == ["malformed_messages", "malformed_messages", "non_string_content",
+                             "non_string_content", "unknown_role", ""]
     assert out["index"] == [0, 1, 2, 3, 4, 5]
 
 
 def test_unexpected_errors_are_counted_not_fatal(template, monkeypatch):
-    builder = ExampleBuilder(template, DataSource("inline.jsonl"), CanvasPolicy(length=24), 64, "last", False, "train")
+    builder = ExampleBuilder(template, DataSource("inline.jsonl"), CanvasPolicy(length=24), 64, "last", False,
+                             "train")
     real_one, real_many = template.encode_text, template.encode_texts
 
     def flaky_one(text):
@@ -246,7 +264,8 @@ def test_unexpected_errors_are_counted_not_fatal(template, monkeypatch):
     bad = {"messages": [{"role": "user", "content": "boom"}, {"role": "assistant", "content": "x"}]}
     out = builder.run([bad, GOOD], [0, 1])
     assert out["reason"] == ["adapter_error", ""]
-    strict = ExampleBuilder(template, DataSource("inline.jsonl"), CanvasPolicy(length=24), 64, "last", True, "train")
+    strict = ExampleBuilder(template, DataSource("inline.jsonl"), CanvasPolicy(length=24), 64, "last", True,
+                            "train")
     with pytest.raises(RuntimeError, match="exploded"):
         strict.run([bad], [0])
 
@@ -272,7 +291,8 @@ def test_conversation_rules():
     with pytest.raises(BadRecord) as info:
         to_conversation({"messages": [{"role": "user", "content": "only me"}]}, src)
     assert info.value.reason == "no_assistant_turn"
-    conv = to_conversation({"messages": [{"role": "assistant", "content": "Welcome!"}, {"role": "user", "content": "Hi"},
+    conv = to_conversation({"messages": [{"role": "assistant", "content": "Welcome!"},
+                                         {"role": "user", "content": "Hi"},
                                          {"role": "assistant", "content": "Hello"}]}, src)
     # An assistant greeting with no user message before it is context, not an answer to train on.
     assert conv.answer_indices("all") == [2] and conv.answer_indices("last") == [2]

@@ -23,13 +23,15 @@ class GradCapture(pl.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if trainer.global_step == 0 and trainer.global_rank == 0:
-            grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+            grads = {n: p.grad.detach().clone()
+                     for n, p in pl_module.named_parameters() if p.grad is not None}
             torch.save(grads, self.path)
 
 
 def _train_one_step(tmp_path, data_file, devices: int, batch_size: int, micro: int | None, out: str):
     pl.seed_everything(0)
-    model = MaskedDiffusionLM(ScratchBackbone(**TINY), micro_batch_size=micro, warmup_steps=0, gradient_clip_val=None)
+    model = MaskedDiffusionLM(ScratchBackbone(**TINY), micro_batch_size=micro, warmup_steps=0,
+                              gradient_clip_val=None)
     data = DialogDataModule(
         [DataSource(str(data_file), format="messages", language="en", val_size=0)],
         batch_size=batch_size,
@@ -59,7 +61,8 @@ def test_counter_noise_is_uniform_and_independent_of_batch_split():
     u = counter_uniform(3, 7, rows, 256)
     assert 0.49 < u.mean().item() < 0.51 and u.min() >= 0 and u.max() < 1
     assert abs(torch.corrcoef(torch.stack([u[:, :-1].flatten(), u[:, 1:].flatten()]))[0, 1].item()) < 0.02
-    torch.testing.assert_close(torch.cat([counter_uniform(3, 7, rows[:20], 256), counter_uniform(3, 7, rows[20:], 256)]), u)
+    torch.testing.assert_close(torch.cat([counter_uniform(3, 7, rows[:20], 256),
+                                          counter_uniform(3, 7, rows[20:], 256)]), u)
     assert not torch.equal(counter_uniform(3, 8, rows, 256), u)  # a new step draws new masks
 
 

@@ -30,18 +30,20 @@ PROMPTS = ["Hello there", "Как дела?"]
 
 def _data(path: Path) -> DialogDataModule:
     return DialogDataModule([DataSource(str(path), format="messages", language="en", val_size=0),
-                             DataSource(str(path), format="messages", language="ru", val_size=0, name="ru-copy")],
+                             DataSource(str(path), format="messages", language="ru", val_size=0,
+                                        name="ru-copy")],
                             batch_size=4, max_length=96, canvas=CanvasPolicy(length=16))
 
 
 def _fit(folder: Path, data_file: Path, root: Path, callbacks=(), steps: int = 3) -> Path:
     """A few training steps from ``folder``; returns the last checkpoint."""
     pl.seed_everything(0)
-    model = MaskedDiffusionLM(str(folder), warmup_steps=1, learning_rate=3e-3, canvas_length=16, health_check=False)
+    model = MaskedDiffusionLM(str(folder), warmup_steps=1, learning_rate=3e-3, canvas_length=16,
+                              health_check=False)
     checkpoint = ModelCheckpoint(dirpath=root, save_last=True)
     pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_progress_bar=False,
-               enable_model_summary=False, use_distributed_sampler=False, default_root_dir=root, limit_val_batches=0,
-               callbacks=[checkpoint, *callbacks]).fit(model, _data(data_file))
+               enable_model_summary=False, use_distributed_sampler=False, default_root_dir=root,
+               limit_val_batches=0, callbacks=[checkpoint, *callbacks]).fit(model, _data(data_file))
     return root / "last.ckpt"
 
 
@@ -93,7 +95,8 @@ def test_export_reloads_with_identical_logits_and_generations(trained, family):
     with torch.no_grad():
         assert torch.equal(reloaded.denoise(ids, mask, query), trained.denoise(ids, mask, query))
     # EOS and pad suppressed so every answer fills its canvas: a real comparison, not two empty answers.
-    greedy = SamplerConfig.preset("greedy", suppress_tokens=[trained.template.eos_id, trained.template.pad_id])
+    greedy = SamplerConfig.preset("greedy",
+                                  suppress_tokens=[trained.template.eos_id, trained.template.pad_id])
     for sampler, seed in ((greedy, 0), (None, 7)):
         a = trained.generate(PROMPTS, sampler=sampler, seed=seed)
         b = reloaded.generate(PROMPTS, sampler=sampler, seed=seed)
@@ -105,7 +108,8 @@ def test_export_reloads_with_identical_logits_and_generations(trained, family):
 def test_export_folder_contents(trained, family):
     ckpt, folder = trained(family)
     names = {p.name for p in folder.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer_config.json", "diffusion_config.json", "README.md"} <= names
+    assert {"config.json", "model.safetensors", "tokenizer_config.json", "diffusion_config.json",
+            "README.md"} <= names
     config = json.loads((folder / "config.json").read_text())
     assert "auto_map" not in config  # no remote code
     trained = load_model(str(ckpt))
@@ -214,7 +218,8 @@ def _one_line_error(args, capsys, after_loading: bool = False) -> str:
         main(args)
     assert info.value.code == 2
     err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip() and not (after_loading and "Loading weights" in line)]
+    lines = [line for line in err.splitlines()
+             if line.strip() and not (after_loading and "Loading weights" in line)]
     assert len(lines) == 1 and lines[0].startswith("diffusion-lm: error: ") and "Traceback" not in err, lines
     return lines[0]
 
@@ -227,7 +232,8 @@ def test_overwrite_never_deletes_checkpoints_or_the_source(trained, tmp_path, ca
     before = sorted(run.rglob("*"))
     for target, expected in [(run, "holds the checkpoint being exported"),
                              (run.parent, "holds the checkpoint being exported")]:
-        line = _one_line_error(["export", "--ckpt_path", str(ckpt), "--output_dir", str(target), "--overwrite", "true"],
+        line = _one_line_error(["export", "--ckpt_path", str(ckpt), "--output_dir", str(target),
+                                "--overwrite", "true"],
                                capsys)
         assert expected in line
     other = tmp_path / "other-run" / "checkpoints"
@@ -239,10 +245,12 @@ def test_overwrite_never_deletes_checkpoints_or_the_source(trained, tmp_path, ca
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "todo.txt").write_text("keep me")
-    line = _one_line_error(["export", "--ckpt_path", str(ckpt), "--output_dir", str(notes), "--overwrite", "true"],
+    line = _one_line_error(["export", "--ckpt_path", str(ckpt), "--output_dir", str(notes), "--overwrite",
+                            "true"],
                            capsys)
     assert "not a diffusion_lm export" in line
-    assert sorted(run.rglob("*")) == before and (other / "step=5.ckpt").exists() and (notes / "todo.txt").exists()
+    assert sorted(run.rglob("*")) == before
+    assert (other / "step=5.ckpt").exists() and (notes / "todo.txt").exists()
 
 
 def test_export_files_get_the_umask_modes(trained, tmp_path):
@@ -254,12 +262,14 @@ def test_export_files_get_the_umask_modes(trained, tmp_path):
     assert {stat.S_IMODE(p.stat().st_mode) for p in folder.rglob("*") if p.is_file()} == {0o666 & ~umask}
 
 
-def test_export_to_a_read_only_place_or_from_a_truncated_checkpoint_is_one_line(trained, tmp_path, monkeypatch,
+def test_export_to_a_read_only_place_or_from_a_truncated_checkpoint_is_one_line(trained, tmp_path,
+                                                                                monkeypatch,
                                                                                   capsys):
     ckpt, _ = trained("bert")
     truncated = tmp_path / "cut.ckpt"
     truncated.write_bytes(ckpt.read_bytes()[:4096])
-    line = _one_line_error(["export", "--ckpt_path", str(truncated), "--output_dir", str(tmp_path / "a")], capsys)
+    line = _one_line_error(["export", "--ckpt_path", str(truncated), "--output_dir", str(tmp_path / "a")],
+                           capsys)
     assert "cut.ckpt cannot be read" in line and "truncated" in line
 
     def read_only(*args, **kwargs):

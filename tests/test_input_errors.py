@@ -40,10 +40,13 @@ def _fit_source(tmp_path, source: str, *extra):
 CASES = [
     ("malformed JSONL line", lambda t, d: _fit(t, _file(t, "bad.jsonl", f"{GOOD}\n{GOOD[:-5]}\n".encode())),
      "bad.jsonl): line 2 is not valid JSON", True),
-    ("empty data file", lambda t, d: _fit(t, _file(t, "empty.jsonl", b"")), "empty.jsonl): the file is empty", True),
-    ("blank data file", lambda t, d: _fit(t, _file(t, "blank.jsonl", b"\n\n")), "the file holds no records", True),
+    ("empty data file", lambda t, d: _fit(t, _file(t, "empty.jsonl", b"")), "empty.jsonl): the file is empty",
+     True),
+    ("blank data file", lambda t, d: _fit(t, _file(t, "blank.jsonl", b"\n\n")), "the file holds no records",
+     True),
     ("non-UTF-8 data, strict",
-     lambda t, d: _fit(t, _file(t, "latin.jsonl", GOOD.encode() + b"\n" + NOT_UTF8 + b"\n"), "--data.strict=true"),
+     lambda t, d: _fit(t, _file(t, "latin.jsonl", GOOD.encode() + b"\n" + NOT_UTF8 + b"\n"),
+                       "--data.strict=true"),
      f"latin.jsonl): line 2 is not valid UTF-8 (byte offset {BAD_BYTE})", True),
     ("NaN source weight", lambda t, d: _fit_source(t, f"{{path: {d}, format: messages, weight: .nan}}"),
      "weight must be a finite number > 0, got nan", False),
@@ -51,23 +54,28 @@ CASES = [
      "weight must be a finite number > 0, got inf", False),
     ("negative learning rate", lambda t, d: _fit(t, d, "--model.learning_rate=-0.001"),
      "model.learning_rate must be a finite number > 0", False),
-    ("batch_size 0", lambda t, d: _fit(t, d, "--data.batch_size=0"), "data.batch_size must be >= 1, got 0", False),
+    ("batch_size 0", lambda t, d: _fit(t, d, "--data.batch_size=0"), "data.batch_size must be >= 1, got 0",
+     False),
     ("time_eps 0", lambda t, d: _fit(t, d, "--model.time_eps=0"), "model.time_eps must be in (0, 1)", False),
     ("micro_batch_size 0", lambda t, d: _fit(t, d, "--model.micro_batch_size=0"),
      "model.micro_batch_size must be >= 1", False),
-    ("negative warmup", lambda t, d: _fit(t, d, "--model.warmup_steps=-5"), "model.warmup_steps must be >= 0", False),
+    ("negative warmup", lambda t, d: _fit(t, d, "--model.warmup_steps=-5"), "model.warmup_steps must be >= 0",
+     False),
     ("fit, missing checkpoint", lambda t, d: _fit(t, d, f"--ckpt_path={t}/nope.ckpt"),
      "nope.ckpt: no such checkpoint file", False),
     ("fit, truncated checkpoint",
      lambda t, d: _fit(t, d, f"--ckpt_path={_file(t, 'cut.ckpt', b'PK' + bytes(100))}"),
      "cut.ckpt cannot be read", False),
-    ("validate, missing checkpoint", lambda t, d: ["validate"] + tiny_cli_args(t, d, f"--ckpt_path={t}/gone.ckpt"),
+    ("validate, missing checkpoint",
+     lambda t, d: ["validate"] + tiny_cli_args(t, d, f"--ckpt_path={t}/gone.ckpt"),
      "gone.ckpt: no such checkpoint file", False),
     ("validate, truncated checkpoint",
-     lambda t, d: ["validate"] + tiny_cli_args(t, d, f"--ckpt_path={_file(t, 'cut.ckpt', b'PK' + bytes(100))}"),
+     lambda t, d: ["validate"] + tiny_cli_args(t, d,
+                                               f"--ckpt_path={_file(t, 'cut.ckpt', b'PK' + bytes(100))}"),
      "truncated or not a Lightning checkpoint", False),
     ("export from a truncated checkpoint",
-     lambda t, d: ["export", "--ckpt_path", str(_file(t, "cut.ckpt", b"PK" + bytes(100))), "--output_dir", str(t / "e")],
+     lambda t, d: ["export", "--ckpt_path", str(_file(t, "cut.ckpt", b"PK" + bytes(100))),
+                   "--output_dir", str(t / "e")],
      "cut.ckpt cannot be read", False),
     ("generate --input not UTF-8",
      lambda t, d: ["generate", "--model", str(t / "m.ckpt"), "--input",
@@ -77,12 +85,13 @@ CASES = [
 
 
 @pytest.mark.parametrize("case, argv, expected, reads_data", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_one_line(tmp_path, messages_jsonl, capsys, monkeypatch, case, argv, expected, reads_data):
+def test_bad_input_is_one_line(tmp_path, messages_jsonl, capsys, monkeypatch, case, argv, expected,
+                               reads_data):
     if not reads_data:  # options and checkpoints are checked before any data file is opened
         def no_data(*args, **kwargs):
             raise AssertionError("data was read before the options were checked")
 
-        monkeypatch.setattr("diffusion_lm.data.datamodule.load_raw", no_data)
+        monkeypatch.setattr("diffusion_lm.data.mix.load_raw", no_data)
     args = argv(tmp_path, messages_jsonl)
     capsys.readouterr()
     with pytest.raises(SystemExit) as info:
@@ -95,12 +104,14 @@ def test_bad_input_is_one_line(tmp_path, messages_jsonl, capsys, monkeypatch, ca
 
 
 def test_non_utf8_records_are_counted_skips(tmp_path):
-    data = _file(tmp_path, "mixed.jsonl", b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in DIALOGS)
+    data = _file(tmp_path, "mixed.jsonl",
+                 b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in DIALOGS)
                  + NOT_UTF8 + b"\n")
     from diffusion_lm.backbone import DEMO_TOKENIZER
 
     dm = DialogDataModule([DataSource(str(data), format="messages", language="en", val_size=0)],
-                          tokenizer=DEMO_TOKENIZER, batch_size=4, max_length=96, canvas=CanvasPolicy(length=16))
+                          tokenizer=DEMO_TOKENIZER, batch_size=4, max_length=96,
+                          canvas=CanvasPolicy(length=16))
     dm.setup("fit")
     assert dm.skipped.count("non_utf8") == 1
     assert dm.summary["skipped"]["records"]["mixed/train"]["non_utf8"] == 1
@@ -108,7 +119,8 @@ def test_non_utf8_records_are_counted_skips(tmp_path):
 
 
 def test_chat_reports_a_non_utf8_line_and_goes_on(tmp_path, capsys, monkeypatch):
-    from diffusion_lm.sampling import commands
+    from diffusion_lm.cli import chat as commands
+    from diffusion_lm.pipeline import ChatReply
 
     class Session:
         def __init__(self, *args, **kwargs):
@@ -116,11 +128,12 @@ def test_chat_reports_a_non_utf8_line_and_goes_on(tmp_path, capsys, monkeypatch)
 
         def ask(self, text):
             self.seen.append(text)
-            return commands.ChatReply(f"echo {text}", [], 0, {})
+            return ChatReply(f"echo {text}", [], 0, {})
 
-    monkeypatch.setattr(commands, "_load_with_sampler", lambda *args, **kwargs: (None, None))
+    monkeypatch.setattr(commands, "load_with_sampler", lambda *args, **kwargs: (None, None))
     monkeypatch.setattr(commands, "ChatSession", Session)
-    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"Hello\nbad \xff line\nBye\n"), encoding="utf-8"))
+    monkeypatch.setattr(sys, "stdin",
+                        io.TextIOWrapper(io.BytesIO(b"Hello\nbad \xff line\nBye\n"), encoding="utf-8"))
     main(["chat", "--model", "unused"])
     captured = capsys.readouterr()
     assert captured.out.splitlines() == ["echo Hello", "echo Bye"]

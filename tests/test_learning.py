@@ -33,13 +33,15 @@ def test_default_batching_learns_as_well_as_uniform_batches(tmp_path):
     args = argparse.Namespace(hidden=64, layers=2, heads=2, lr=3e-3, warmup=50, canvas=8, max_length=64,
                               batch_size=128, steps=600)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a model this small runs no faster on more threads, and slower when they are shared
+    # a model this small runs no faster on more threads, and slower when they are shared
+    torch.set_num_threads(1)
     try:
         default = bench.run_mode("packed", files, test, args, seed=1)
         uniform = bench.run_mode("uniform", files, test, args, seed=1)
     finally:
         torch.set_num_threads(threads)
     assert uniform["exact"] >= 0.9 * uniform["held_out"], uniform  # the budget suffices to learn the task
-    assert default["exact"] >= uniform["exact"] - 0.05 * uniform["held_out"], (default["exact"], uniform["exact"])
+    assert default["exact"] >= uniform["exact"] - 0.05 * uniform["held_out"], (default["exact"],
+                                                                               uniform["exact"])
     assert default["padding_share"] < uniform["padding_share"]  # rows hold several examples
     assert default["share_en_std"] < 0.25 * default["share_en_binomial_std"]  # every batch is the mix

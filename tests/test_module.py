@@ -13,13 +13,14 @@ from .conftest import TINY
 
 
 def _data(path, **kw):
-    return DialogDataModule([DataSource(str(path), format="messages", language="en", val_size=6)], batch_size=4,
-                            max_length=96, canvas=CanvasPolicy(length=16), **kw)
+    return DialogDataModule([DataSource(str(path), format="messages", language="en", val_size=6)],
+                            batch_size=4, max_length=96, canvas=CanvasPolicy(length=16), **kw)
 
 
 def _trainer(tmp_path, **kw):
-    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                    enable_model_summary=False, use_distributed_sampler=False, default_root_dir=tmp_path)
+    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                    default_root_dir=tmp_path)
     return pl.Trainer(**{**defaults, **kw})
 
 
@@ -29,7 +30,8 @@ def test_validation_nelbo_is_reproducible(tmp_path, messages_jsonl):
     first = _trainer(tmp_path).validate(model, data, verbose=False)[0]
     second = _trainer(tmp_path).validate(model, data, verbose=False)[0]
     assert first["val/nelbo"] == second["val/nelbo"]
-    assert first["val/ppl_bound"] == pytest.approx(torch.exp(torch.tensor(first["val/nelbo"])).item(), rel=1e-5)
+    assert first["val/ppl_bound"] == pytest.approx(torch.exp(torch.tensor(first["val/nelbo"])).item(),
+                                                   rel=1e-5)
     assert "val/nelbo_en" in first
 
 
@@ -53,6 +55,7 @@ def test_warmup_then_cosine_decay(tmp_path, messages_jsonl):
         def on_train_batch_end(self, trainer, pl_module, *args):
             lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
 
-    _trainer(tmp_path, max_steps=10, limit_val_batches=0, callbacks=[Record()]).fit(model, _data(messages_jsonl))
+    _trainer(tmp_path, max_steps=10, limit_val_batches=0, callbacks=[Record()]).fit(model,
+                                                                                    _data(messages_jsonl))
     assert lrs[0] < lrs[2] <= 1e-3 + 1e-12  # warm-up rises
     assert lrs[-1] < lrs[3] and lrs[-1] >= 1e-4 - 1e-12  # cosine decays toward min_lr_ratio * lr

@@ -21,7 +21,8 @@ class ToyDenoiser(torch.nn.Module):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.base = torch.nn.Parameter(torch.randn(length, vocab, generator=g, dtype=torch.float64))
-        self.pair = torch.nn.Parameter(torch.randn(length, length, vocab, vocab, generator=g, dtype=torch.float64))
+        self.pair = torch.nn.Parameter(torch.randn(length, length, vocab, vocab, generator=g,
+                                                   dtype=torch.float64))
         self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def full_logits(self, z: torch.Tensor) -> torch.Tensor:
@@ -94,7 +95,8 @@ def test_prompt_tokens_never_masked_or_scored():
 def test_apply_noise_rate_follows_schedule():
     ids = torch.randint(1, 50, (200, 100))
     p = torch.full((200,), 0.3)
-    _, masked = apply_noise(ids, torch.ones_like(ids, dtype=torch.bool), p, MASK, torch.Generator().manual_seed(0))
+    _, masked = apply_noise(ids, torch.ones_like(ids, dtype=torch.bool), p, MASK,
+                            torch.Generator().manual_seed(0))
     assert masked.float().mean().item() == pytest.approx(0.3, abs=0.01)
 
 

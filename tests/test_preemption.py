@@ -33,12 +33,14 @@ def _fit_args(root: Path, data: Path, *extra: str) -> list[str]:
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_sigterm_saves_a_checkpoint_exits_143_and_the_checkpoint_resumes(tmp_path, messages_jsonl, caplog):
     out = tmp_path / "fit.log"
-    cmd = [sys.executable, "-m", "diffusion_lm", "fit"] + _fit_args(tmp_path, messages_jsonl, "--trainer.max_steps=100000")
+    cmd = [sys.executable, "-m", "diffusion_lm", "fit"] + _fit_args(tmp_path, messages_jsonl,
+                                                                    "--trainer.max_steps=100000")
     with out.open("w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 180
         # The first periodic checkpoint means the training loop is running.
-        while not list(tmp_path.rglob("*step=*.ckpt")) and proc.poll() is None and time.monotonic() < deadline:
+        while (not list(tmp_path.rglob("*step=*.ckpt")) and proc.poll() is None
+               and time.monotonic() < deadline):
             time.sleep(0.1)
         assert proc.poll() is None, out.read_text()
         proc.send_signal(signal.SIGTERM)
@@ -56,7 +58,8 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_the_checkpoint_resumes(tmp_pat
     assert not [p for p in last.parent.iterdir() if p.name.startswith(".")]  # no temp files left
     # The checkpoint resumes: two more steps from where it stopped.
     caplog.set_level("INFO")
-    main(["fit"] + _fit_args(tmp_path, messages_jsonl, f"--trainer.max_steps={step + 2}", f"--ckpt_path={last}"))
+    main(["fit"] + _fit_args(tmp_path, messages_jsonl, f"--trainer.max_steps={step + 2}",
+                             f"--ckpt_path={last}"))
     err = caplog.text
     assert f"resuming from {last} at step {step}: same model; no option changed" in err
     assert f"`max_steps={step + 2}` reached" in err
@@ -122,7 +125,8 @@ def test_unknown_or_uncatchable_signal_names_are_config_errors():
 @pytest.mark.skipif(sys.platform != "linux" or not torch.distributed.is_gloo_available(), reason="needs gloo")
 def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path, messages_jsonl):
     model, data = _parts(messages_jsonl)
-    trainer = _trainer(tmp_path, PreemptionCheckpoint(), SendSignal(signal.SIGUSR1, step=1, rank=1), devices=2)
+    trainer = _trainer(tmp_path, PreemptionCheckpoint(), SendSignal(signal.SIGUSR1, step=1, rank=1),
+                       devices=2)
     with pytest.raises(Exception) as info:  # the spawned ranks exit with 138
         trainer.fit(model, data)
     assert "138" in str(info.value)
@@ -144,8 +148,9 @@ class HandlerProbe(pl.Callback):
 def test_slurm_auto_requeue_keeps_lightnings_requeue_handler(tmp_path, messages_jsonl, monkeypatch):
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
-    for key, value in {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
-                       "SLURM_NODEID": "0", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "train"}.items():
+    for key, value in {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_PROCID": "0",
+                       "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_JOB_ID": "4242",
+                       "SLURM_JOB_NAME": "train"}.items():
         monkeypatch.setenv(key, value)
     preemption, probe = PreemptionCheckpoint(), HandlerProbe()
     model, data = _parts(messages_jsonl)

@@ -34,8 +34,9 @@ class Record(pl.Callback):
 
 
 def _data(path, **kw) -> DialogDataModule:
-    return DialogDataModule([DataSource(str(path), format="messages", language="en", val_size=0)], batch_size=4,
-                            max_length=96, canvas=CanvasPolicy(mode="sampled", length=16), train_turns="all", **kw)
+    return DialogDataModule([DataSource(str(path), format="messages", language="en", val_size=0)],
+                            batch_size=4, max_length=96, canvas=CanvasPolicy(mode="sampled", length=16),
+                            train_turns="all", **kw)
 
 
 class StopAt(pl.Callback):
@@ -57,9 +58,9 @@ def _fit(tmp_path, data_file, max_steps, ckpt_path=None, every=None, stop=None) 
         callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=every, save_last=True,
                                          save_top_k=-1))
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False,
-                         enable_checkpointing=bool(every), enable_progress_bar=False, enable_model_summary=False,
-                         use_distributed_sampler=False, limit_val_batches=0, callbacks=callbacks,
-                         default_root_dir=tmp_path)
+                         enable_checkpointing=bool(every), enable_progress_bar=False,
+                         enable_model_summary=False, use_distributed_sampler=False, limit_val_batches=0,
+                         callbacks=callbacks, default_root_dir=tmp_path)
     model = MaskedDiffusionLM(ScratchBackbone(**TINY), warmup_steps=2, learning_rate=3e-3)
     trainer.fit(model, _data(data_file, cache_dir=str(tmp_path / "hf")), ckpt_path=ckpt_path)
     return record
@@ -107,8 +108,8 @@ def _cli(root: Path, data_file: Path, *extra: str) -> list[str]:
     args = tiny_cli_args(root, data_file, "--trainer.max_steps=12", "--trainer.log_every_n_steps=1",
                          "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
                          f"--trainer.logger.save_dir={root}", "--trainer.logger.name=log",
-                         "--trainer.logger.version=0", "--data.train_turns=all", "--trainer.limit_val_batches=0",
-                         *extra)
+                         "--trainer.logger.version=0", "--data.train_turns=all",
+                         "--trainer.limit_val_batches=0", *extra)
     args = [a for a in args if a != "--trainer.logger=false"]
     return [sys.executable, "-m", "diffusion_lm", "fit"] + args
 
@@ -148,7 +149,8 @@ def _validate(tmp_path, data_file, devices=1, **data_kw) -> dict:
     pl.seed_everything(0)
     model = MaskedDiffusionLM(ScratchBackbone(**TINY))
     data = DialogDataModule([DataSource(str(data_file), format="messages", language="en", val_size=7)],
-                            max_length=96, canvas=CanvasPolicy(length=16), cache_dir=str(tmp_path / "hf"), **data_kw)
+                            max_length=96, canvas=CanvasPolicy(length=16), cache_dir=str(tmp_path / "hf"),
+                            **data_kw)
     trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
                          logger=False, enable_progress_bar=False, enable_model_summary=False,
                          use_distributed_sampler=False, default_root_dir=tmp_path)
@@ -157,7 +159,8 @@ def _validate(tmp_path, data_file, devices=1, **data_kw) -> dict:
 
 def test_validation_does_not_depend_on_batching(tmp_path, messages_jsonl):
     ref = _validate(tmp_path, messages_jsonl, batch_size=2)
-    for kw in ({"batch_size": 7}, {"batch_size": 3, "batching": "padded"}, {"batch_size": 4, "val_batch_size": 1}):
+    for kw in ({"batch_size": 7}, {"batch_size": 3, "batching": "padded"},
+               {"batch_size": 4, "val_batch_size": 1}):
         got = _validate(tmp_path, messages_jsonl, **kw)
         assert got["val/nelbo"] == pytest.approx(ref["val/nelbo"], abs=1e-6), kw
 
@@ -203,9 +206,10 @@ def _nan_run(tmp_path, data_file, nan_steps, max_steps, **kw):
         def on_train_batch_end(self, trainer, pl_module, *args):
             weights.append(next(pl_module.parameters()).detach().clone())
 
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
-                         limit_val_batches=0, callbacks=[Weights()], default_root_dir=tmp_path)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         use_distributed_sampler=False, limit_val_batches=0, callbacks=[Weights()],
+                         default_root_dir=tmp_path)
     trainer.fit(model, _data(data_file, cache_dir=str(tmp_path / "hf")))
     return model, trainer, weights
 
@@ -222,7 +226,8 @@ def test_a_nan_step_is_skipped_and_counted(tmp_path, messages_jsonl):
 def test_a_diverged_run_stops_with_the_step_and_checkpoint(tmp_path, messages_jsonl):
     from diffusion_lm.errors import TrainingDiverged
 
-    with pytest.raises(TrainingDiverged, match=r"stopped at step 0: 3 optimizer steps in a row .*no checkpoint"):
+    with pytest.raises(TrainingDiverged,
+                       match=r"stopped at step 0: 3 optimizer steps in a row .*no checkpoint"):
         _nan_run(tmp_path, messages_jsonl, "all", 10, max_nonfinite_steps=3)
 
 

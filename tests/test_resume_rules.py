@@ -22,12 +22,14 @@ class LRRecorder(pl.Callback):
 
 
 def _args(root, data, *extra: str) -> list[str]:
-    args = [a for a in tiny_cli_args(root, data) if not a.startswith(("--trainer.max_steps", "--model.warmup_steps",
+    args = [a for a in tiny_cli_args(root,
+                                     data) if not a.startswith(("--trainer.max_steps", "--model.warmup_steps",
                                                                       "--trainer.logger"))]
     return ["fit"] + args + [
         "--model.health_check=false", "--model.warmup_steps=4", "--model.lr_schedule=constant",
         "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={root}",
-        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint", "--trainer.callbacks.save_last=true",
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                             "--trainer.callbacks.save_last=true",
         f"--trainer.callbacks+={__name__}.LRRecorder", *extra]
 
 
@@ -41,9 +43,10 @@ def test_resume_applies_the_new_learning_rate_without_rewarming(tmp_path, messag
     # A later run logs to version_1; `--ckpt_path last` still finds version_0's last.ckpt.
     LRRecorder.seen = []
     caplog.set_level("INFO")
-    main(_args(tmp_path, messages_jsonl, "--trainer.max_steps=9", "--model.learning_rate=2e-3", "--ckpt_path=last"))
-    assert f"resuming from {first} at step 6: same model; applied changed options: learning_rate 0.001 -> 0.002" \
-        in caplog.text
+    main(_args(tmp_path, messages_jsonl, "--trainer.max_steps=9", "--model.learning_rate=2e-3",
+               "--ckpt_path=last"))
+    assert (f"resuming from {first} at step 6: same model; applied changed options: "
+            "learning_rate 0.001 -> 0.002") in caplog.text
     # Extending max_steps does not re-warm; the new rate applies from the first resumed step.
     assert LRRecorder.seen == [(6, 2e-3), (7, 2e-3), (8, 2e-3)]
     second = tmp_path / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt"
@@ -65,14 +68,14 @@ def one_step_run(tmp_path_factory):
     ("--model.schedule=diffusion_lm.schedules.CosineSchedule", "model.schedule.class_path"),
     ("--model.role_headers={user: 'Q:'}", "model.role_headers.user"),
 ])
-def test_a_different_model_is_an_error_naming_the_key_before_any_data_is_read(one_step_run, capsys, monkeypatch,
-                                                                              change, key):
+def test_a_different_model_is_an_error_naming_the_key_before_any_data_is_read(one_step_run, capsys,
+                                                                              monkeypatch, change, key):
     root, data, last = one_step_run
 
     def no_data(*args, **kwargs):
         raise AssertionError("data was read before the checkpoint was checked")
 
-    monkeypatch.setattr("diffusion_lm.data.datamodule.load_raw", no_data)
+    monkeypatch.setattr("diffusion_lm.data.mix.load_raw", no_data)
     capsys.readouterr()
     with pytest.raises(SystemExit) as info:
         main(_args(root, data, "--trainer.max_steps=2", f"--ckpt_path={last}", change))

@@ -196,8 +196,10 @@ def test_batched_equals_one_by_one_and_no_left_padding():
     batched = generate(toy, prompts, canvas_length=10, sampler=sampler, seed=11, **SPECIAL)
     for ids, attn, _ in toy.calls:  # right padding only: each row is a prefix of ones
         assert torch.equal(attn, (attn.cumsum(1) == torch.arange(1, attn.shape[1] + 1)).long())
-    single = generate(TableToy(), prompts, canvas_length=10, sampler=sampler, seed=11, max_batch_size=1, **SPECIAL)
-    pairs = generate(TableToy(), prompts, canvas_length=10, sampler=sampler, seed=11, max_batch_size=3, **SPECIAL)
+    single = generate(TableToy(), prompts, canvas_length=10, sampler=sampler, seed=11, max_batch_size=1,
+                      **SPECIAL)
+    pairs = generate(TableToy(), prompts, canvas_length=10, sampler=sampler, seed=11, max_batch_size=3,
+                     **SPECIAL)
     assert batched.ids == single.ids == pairs.ids
     assert batched.sequences == single.sequences
     assert [s.nfe for s in batched.row_stats] == [s.nfe for s in single.row_stats]
@@ -234,11 +236,13 @@ def test_per_row_seeds_make_each_answer_independent_of_its_batch():
     for p, s, ids, stats in zip(prompts, seeds, batched.ids, batched.row_stats):
         alone = generate(TableToy(), [p], canvas_length=10, sampler=sampler, seed=s, **SPECIAL)
         assert alone.ids[0] == ids and alone.row_stats[0].nfe == stats.nfe
-    chunked = generate(TableToy(), prompts, canvas_length=10, sampler=sampler, seed=seeds, max_batch_size=3, **SPECIAL)
+    chunked = generate(TableToy(), prompts, canvas_length=10, sampler=sampler, seed=seeds, max_batch_size=3,
+                       **SPECIAL)
     assert chunked.ids == batched.ids
     rows = [[BOS, 7, MASK, MASK, 9], [BOS, MASK, MASK, MASK, 10]]
     filled = infill(TableToy(), rows, sampler=sampler, seed=[4, 8], **SPECIAL)
-    assert [infill(TableToy(), [r], sampler=sampler, seed=s, **SPECIAL).ids[0] for r, s in zip(rows, [4, 8])] == filled.ids
+    assert [infill(TableToy(), [r], sampler=sampler, seed=s, **SPECIAL).ids[0]
+            for r, s in zip(rows, [4, 8])] == filled.ids
     with pytest.raises(ConfigError, match="2 seeds for 4 rows"):
         generate(TableToy(), prompts, seed=[1, 2], **SPECIAL)
     with pytest.raises(ConfigError, match="seed must be an int"):
@@ -248,11 +252,13 @@ def test_per_row_seeds_make_each_answer_independent_of_its_batch():
 def test_on_step_reports_every_forward_with_the_current_rows():
     lengths = [1, 3, 6]
     prompts = [prompt(FIRST_CONTENT + m, 20) for m in lengths]
-    sampler = SamplerConfig(proposer="greedy", window="full", selector=ThresholdSelector(1.5), processors=["eos"])
+    sampler = SamplerConfig(proposer="greedy", window="full", selector=ThresholdSelector(1.5),
+                            processors=["eos"])
     reports: list[tuple[list[int], list[list[int]]]] = []
     toy = ScriptedToy()
     result = generate(toy, prompts, canvas_length=10, sampler=sampler, max_batch_size=2,
-                      on_step=lambda rows, ids: reports.append((list(rows), [list(r) for r in ids])), **SPECIAL)
+                      on_step=lambda rows, ids: reports.append((list(rows), [list(r) for r in ids])),
+                      **SPECIAL)
     assert result.ids == generate(ScriptedToy(), prompts, canvas_length=10, sampler=sampler, **SPECIAL).ids
     # One report per denoiser call, naming the rows (indices into prompts) that took part in it.
     assert [len(rows) for rows, _ in reports] == [ids.shape[0] for ids, _, _ in toy.calls]
@@ -267,7 +273,8 @@ def test_on_step_reports_every_forward_with_the_current_rows():
     # Infill reports holes being filled; a row without holes is never reported.
     rows = [[BOS, 7, MASK, MASK, 9], [BOS, 7, 8], [BOS, MASK, 10]]
     infill_reports: list[list[int]] = []
-    infill(TableToy(), rows, sampler="greedy", on_step=lambda r, ids: infill_reports.append(list(r)), **SPECIAL)
+    infill(TableToy(), rows, sampler="greedy", on_step=lambda r, ids: infill_reports.append(list(r)),
+           **SPECIAL)
     assert infill_reports and all(1 not in r for r in infill_reports)
 
     class Stop(Exception):
@@ -284,7 +291,8 @@ def test_finished_rows_are_not_passed_to_the_denoiser_again():
     lengths = [1, 3, 6]
     prompts = [prompt(FIRST_CONTENT + m, 20) for m in lengths]
     toy = ScriptedToy()
-    sampler = SamplerConfig(proposer="greedy", window="full", selector=ThresholdSelector(1.5), processors=["eos"])
+    sampler = SamplerConfig(proposer="greedy", window="full", selector=ThresholdSelector(1.5),
+                            processors=["eos"])
     result = generate(toy, prompts, canvas_length=10, sampler=sampler, **SPECIAL)
     assert result.ids == [ScriptedToy.target(p) for p in prompts]
     assert [s.nfe for s in result.row_stats] == [m + 1 for m in lengths]  # m tokens, then EOS
@@ -306,8 +314,10 @@ def test_threshold_above_every_confidence_commits_one_token_per_step():
         assert committed_per_step(result, row) == [1] * 9
         assert result.row_stats[row].nfe == 9
     # The other extreme: threshold 0 commits a whole block per forward.
-    zero = SamplerConfig(proposer="greedy", window=BlockWindow(3), selector=ThresholdSelector(0.0), processors=[])
-    result = generate(TableToy(), [prompt(7)], canvas_length=9, sampler=zero, return_trajectory=True, **SPECIAL)
+    zero = SamplerConfig(proposer="greedy", window=BlockWindow(3), selector=ThresholdSelector(0.0),
+                         processors=[])
+    result = generate(TableToy(), [prompt(7)], canvas_length=9, sampler=zero, return_trajectory=True,
+                      **SPECIAL)
     assert committed_per_step(result) == [3, 3, 3]
 
 
@@ -322,23 +332,28 @@ def test_schedule_counts_formula():
 
 def test_schedule_selector_commits_exactly_the_scheduled_counts():
     full = SamplerConfig(proposer="greedy", window="full", selector=ScheduleSelector(steps=6), processors=[])
-    result = generate(TableToy(), [prompt(7, 8)], canvas_length=20, sampler=full, return_trajectory=True, **SPECIAL)
+    result = generate(TableToy(), [prompt(7, 8)], canvas_length=20, sampler=full, return_trajectory=True,
+                      **SPECIAL)
     assert committed_per_step(result) == schedule_counts(20, 6)
     # Blocks of 8, 8, 4 share the 6 steps in proportion: ceil(6*8/20) = 3, 3, then ceil(6*4/20) = 2.
     block = full.replace(window=BlockWindow(8))
-    result = generate(TableToy(), [prompt(7, 8)], canvas_length=20, sampler=block, return_trajectory=True, **SPECIAL)
+    result = generate(TableToy(), [prompt(7, 8)], canvas_length=20, sampler=block, return_trajectory=True,
+                      **SPECIAL)
     assert committed_per_step(result) == schedule_counts(8, 3) * 2 + schedule_counts(4, 2)
     # Even when the repetition guard would rather skip an adjacent duplicate, the counts hold.
     loop = full.replace(processors=[RepetitionGuard()])
-    result = generate(LoopToy(), [prompt(7, 8)], canvas_length=20, sampler=loop, return_trajectory=True, **SPECIAL)
+    result = generate(LoopToy(), [prompt(7, 8)], canvas_length=20, sampler=loop, return_trajectory=True,
+                      **SPECIAL)
     assert committed_per_step(result) == schedule_counts(20, 6)
 
 
 def test_block_window_never_commits_outside_the_current_block():
     block, canvas = 5, 17
-    sampler = SamplerConfig(proposer="sample", window=BlockWindow(block), selector=ThresholdSelector(0.2), processors=[])
+    sampler = SamplerConfig(proposer="sample", window=BlockWindow(block), selector=ThresholdSelector(0.2),
+                            processors=[])
     p = prompt(7, 8, 9)
-    result = generate(TableToy(), [p], canvas_length=canvas, sampler=sampler, return_trajectory=True, seed=3, **SPECIAL)
+    result = generate(TableToy(), [p], canvas_length=canvas, sampler=sampler, return_trajectory=True, seed=3,
+                      **SPECIAL)
     start, done, current = len(p), set(), 0
     for step in result.trajectories[0].steps:
         blocks = {(pos - start) // block for pos, _ in step.committed}
@@ -352,7 +367,8 @@ def test_block_window_never_commits_outside_the_current_block():
 # ------------------------------------------------------------------------------------ processors
 def test_repetition_guard_lowers_repeated_ngrams_on_a_looping_model():
     prompts = [prompt(6 + i, 20 + i, 30 + i) for i in range(4)]
-    base = SamplerConfig(proposer="greedy", window=BlockWindow(8), selector=ThresholdSelector(0.5), processors=[])
+    base = SamplerConfig(proposer="greedy", window=BlockWindow(8), selector=ThresholdSelector(0.5),
+                         processors=[])
     guarded = base.replace(processors=[RepetitionGuard(penalty=2.0, window=8, ngram_size=2)])
     loose = generate(LoopToy(), prompts, canvas_length=24, sampler=base, **SPECIAL)
     tight = generate(LoopToy(), prompts, canvas_length=24, sampler=guarded, **SPECIAL)
@@ -371,8 +387,10 @@ def test_no_adjacent_duplicates_in_one_step_both_directions():
             return out
 
     rule = RepetitionGuard(penalty=0.0, ngram_size=0, no_adjacent_duplicates=True)
-    sampler = SamplerConfig(proposer="greedy", window="full", selector=ThresholdSelector(0.0), processors=[rule])
-    result = generate(SameToken(), [prompt(7)], canvas_length=8, sampler=sampler, return_trajectory=True, **SPECIAL)
+    sampler = SamplerConfig(proposer="greedy", window="full", selector=ThresholdSelector(0.0),
+                            processors=[rule])
+    result = generate(SameToken(), [prompt(7)], canvas_length=8, sampler=sampler, return_trajectory=True,
+                      **SPECIAL)
     for step in result.trajectories[0].steps:
         positions = sorted(pos for pos, _ in step.committed)
         assert all(b - a > 1 for a, b in zip(positions, positions[1:])), positions
@@ -387,8 +405,8 @@ def test_eos_policy_prevents_eos_flooding():
     p = prompt(7, 8)
     plain = SamplerConfig(proposer="greedy", window="full", selector=ScheduleSelector(), processors=[])
     flooded = generate(EosLoverToy(toy_len), [p], canvas_length=canvas, sampler=plain, **SPECIAL)
-    policed = generate(EosLoverToy(toy_len), [p], canvas_length=canvas, sampler=plain.replace(processors=["eos"]),
-                       **SPECIAL)
+    policed = generate(EosLoverToy(toy_len), [p], canvas_length=canvas,
+                       sampler=plain.replace(processors=["eos"]), **SPECIAL)
     expected = [FIRST_CONTENT + (j * 3) % (V - FIRST_CONTENT) for j in range(toy_len)]
     assert len(flooded.ids[0]) < toy_len // 2  # EOS won the ranking in the tail and cut the answer
     assert policed.ids[0] == expected  # EOS only at the frontier: exactly at the end of the answer
@@ -399,7 +417,8 @@ def test_eos_policy_prevents_eos_flooding():
 def test_suppressed_tokens_are_never_proposed():
     sampler = SamplerConfig(proposer="sample", window="full", selector=ThresholdSelector(0.3), processors=[],
                             suppress_tokens=list(range(FIRST_CONTENT, 30)))
-    result = generate(TableToy(), [prompt(7), prompt(8, 9)], canvas_length=12, sampler=sampler, seed=1, **SPECIAL)
+    result = generate(TableToy(), [prompt(7), prompt(8, 9)], canvas_length=12, sampler=sampler, seed=1,
+                      **SPECIAL)
     assert not any(FIRST_CONTENT <= t < 30 for a in result.ids for t in a)
     assert all(len(a) == 12 for a in result.ids)
 
@@ -420,7 +439,8 @@ def test_infill_leaves_every_non_mask_token_untouched():
 
 
 def test_span_syntax():
-    assert parse_spans("Hi [[MASK]] there [[MASK:3]]") == [("text", "Hi "), ("mask", 8), ("text", " there "), ("mask", 3)]
+    assert parse_spans("Hi [[MASK]] there [[MASK:3]]") == [("text", "Hi "), ("mask", 8), ("text", " there "),
+                                                           ("mask", 3)]
     assert parse_spans("[[ mask : 2 ]]", default_slots=4) == [("mask", 2)]
     assert parse_spans("no holes ]] here") == [("text", "no holes ]] here")]
     tokenize = lambda s: [FIRST_CONTENT + len(w) for w in s.split()]  # noqa: E731
@@ -465,7 +485,8 @@ def test_scorers_rank_on_untempered_probabilities():
     probs = logits.softmax(-1)
     top = torch.tensor([0, 1])
     assert torch.allclose(ProbabilityScorer()(logits, top, None), probs[[0, 1], [0, 1]])
-    assert torch.allclose(MarginScorer()(logits, top, None), torch.stack([probs[0, 0] - probs[0, 1], torch.tensor(0.0)]))
+    assert torch.allclose(MarginScorer()(logits, top, None),
+                          torch.stack([probs[0, 0] - probs[0, 1], torch.tensor(0.0)]))
     assert torch.allclose(MarginScorer()(logits, torch.tensor([1, 1]), None)[0], probs[0, 1] - probs[0, 0])
     ent = EntropyScorer()(logits, top, None)
     assert ent[0] > ent[1] and torch.isclose(ent[1], torch.tensor(-math.log(3)))
@@ -485,10 +506,12 @@ def test_position_decay_decodes_next_to_context():
 
 def test_remdm_remasks_only_answer_tokens_within_budget():
     sampler = SamplerConfig(proposer="greedy", window=BlockWindow(6), selector=ScheduleSelector(steps=6),
-                            remasker=RemdmRemasker(probability=1.0, max_per_step=2, budget=3, max_confidence=1.0),
+                            remasker=RemdmRemasker(probability=1.0, max_per_step=2, budget=3,
+                                                   max_confidence=1.0),
                             processors=[])
     prompts = [prompt(7, 8), prompt(9)]
-    result = generate(TableToy(), prompts, canvas_length=12, sampler=sampler, return_trajectory=True, **SPECIAL)
+    result = generate(TableToy(), prompts, canvas_length=12, sampler=sampler, return_trajectory=True,
+                      **SPECIAL)
     for row, p in enumerate(prompts):
         remasked = [pos for s in result.trajectories[row].steps for pos in s.remasked]
         assert 0 < len(remasked) <= 3 == result.row_stats[row].remasked
@@ -507,8 +530,8 @@ def test_config_names_presets_and_roundtrip():
     assert isinstance(quality.proposer, SampleProposer) and quality.proposer.temperature == 0.7
     assert any(isinstance(p, EosPolicy) for p in quality.processors)
     assert any(isinstance(p, RepetitionGuard) for p in quality.processors)
-    named = SamplerConfig(proposer="sample", scorer="margin", window="full", selector="threshold", remasker="remdm",
-                          processors=["eos", {"name": "repetition", "ngram_size": 4}])
+    named = SamplerConfig(proposer="sample", scorer="margin", window="full", selector="threshold",
+                          remasker="remdm", processors=["eos", {"name": "repetition", "ngram_size": 4}])
     assert isinstance(named.window, FullWindow) and named.processors[1].ngram_size == 4
     assert SamplerConfig.from_dict(named.to_dict()) == named
     assert SamplerConfig.coerce({"preset": "fast", "window": "full"}).window == FullWindow()
@@ -522,7 +545,9 @@ def test_input_validation_errors():
         SamplerConfig(selector=ScheduleSelector(steps=0))
     with pytest.raises(ConfigError, match="non-empty list"):
         generate(toy, [], **SPECIAL)
-    with pytest.raises(ConfigError, match=r"prompt 1 has 5 tokens \+ canvas_length 64 = 69.*max_length 68.*lower canvas_length"):
+    with pytest.raises(ConfigError,
+                       match=r"prompt 1 has 5 tokens \+ canvas_length 64 = 69.*max_length 68.*lower "
+                             r"canvas_length"):
         generate(toy, [prompt(7), prompt(7, 8, 9)], max_length=68, **SPECIAL)
     with pytest.raises(ConfigError, match=r"unknown proposer 'beam'; valid names: greedy, sample"):
         SamplerConfig(proposer="beam")
@@ -540,8 +565,10 @@ def test_input_validation_errors():
 
 # ------------------------------------------------------------------------------------ views, metrics
 def test_trajectory_views(tmp_path):
-    sampler = SamplerConfig(proposer="greedy", window="full", selector=ScheduleSelector(steps=3), processors=[])
-    result = generate(TableToy(), [prompt(7)], canvas_length=6, sampler=sampler, return_trajectory=True, **SPECIAL)
+    sampler = SamplerConfig(proposer="greedy", window="full", selector=ScheduleSelector(steps=3),
+                            processors=[])
+    result = generate(TableToy(), [prompt(7)], canvas_length=6, sampler=sampler, return_trajectory=True,
+                      **SPECIAL)
     traj = result.trajectories[0]
     vocab = {i: f"t{i}" for i in range(V)} | {FIRST_CONTENT: "<&>"}
     text = render_trajectory_text(traj, vocab)

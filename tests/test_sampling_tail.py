@@ -43,8 +43,8 @@ def test_tail_junk_is_never_committed_before_the_answer_ends(tail_pad):
     prompt = [3, 4, 4, 3]
     config = SamplerConfig(proposer="greedy", window="full", selector={"name": "schedule", "steps": 12},
                            processors=["eos"])
-    result = generate(tail_loving_denoiser(len(prompt), tail_pad), [prompt], mask_id=MASK, eos_id=EOS, pad_id=PAD,
-                      canvas_length=12, sampler=config, seed=0)
+    result = generate(tail_loving_denoiser(len(prompt), tail_pad), [prompt], mask_id=MASK, eos_id=EOS,
+                      pad_id=PAD, canvas_length=12, sampler=config, seed=0)
     assert result.ids[0] == ANSWER
     # EOS was committed right after the answer and the row stopped: no forward was spent on the tail
     assert result.row_stats[0].nfe == len(ANSWER) + 1

@@ -6,9 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffusion_lm.schedules import CosineSchedule, LogLinearSchedule, NoiseSchedule, PolynomialSchedule, stratified_times
+from diffusion_lm.schedules import (
+    CosineSchedule,
+    LogLinearSchedule,
+    NoiseSchedule,
+    PolynomialSchedule,
+    stratified_times,
+)
 
-BUILTINS = [LogLinearSchedule(), CosineSchedule(), PolynomialSchedule(0.5), PolynomialSchedule(2.0), PolynomialSchedule(3.0)]
+BUILTINS = [LogLinearSchedule(), CosineSchedule(), PolynomialSchedule(0.5), PolynomialSchedule(2.0),
+            PolynomialSchedule(3.0)]
 
 
 class SqrtSchedule(NoiseSchedule):
@@ -66,7 +73,8 @@ def test_stratified_times_cover_strata_and_split_over_ranks():
     strata = torch.sort((full * g).floor().long()).values
     assert strata.tolist() == list(range(g))
     parts = [
-        stratified_times(g, rank_offset=r * 4, local_batch_size=4, eps=0.0, generator=torch.Generator().manual_seed(3))
+        stratified_times(g, rank_offset=r * 4, local_batch_size=4, eps=0.0,
+                         generator=torch.Generator().manual_seed(3))
         for r in range(4)
     ]
     torch.testing.assert_close(torch.cat(parts), full)
@@ -81,11 +89,13 @@ def test_custom_schedule_from_yaml_by_class_path(tmp_path, messages_jsonl):
 
     config = tmp_path / "schedule.yaml"
     config.write_text(
-        "model:\n  schedule:\n    class_path: tests.test_schedules.SqrtSchedule\n    init_args:\n      scale: 2.0\n"
+        "model:\n  schedule:\n    class_path: tests.test_schedules.SqrtSchedule\n    init_args:\n      "
+        "scale: 2.0\n"
     )
     cli = DiffusionLMCLI(args=["--config", str(config)] + tiny_cli_args(tmp_path, messages_jsonl), run=False)
     assert isinstance(cli.model.schedule, SqrtSchedule)
     assert cli.model.schedule.scale == 2.0
     # and from the command line
-    cli = DiffusionLMCLI(args=tiny_cli_args(tmp_path, messages_jsonl, "--model.schedule=tests.test_schedules.SqrtSchedule"), run=False)
+    cli = DiffusionLMCLI(args=tiny_cli_args(tmp_path, messages_jsonl,
+                                            "--model.schedule=tests.test_schedules.SqrtSchedule"), run=False)
     assert isinstance(cli.model.schedule, SqrtSchedule)

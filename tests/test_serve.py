@@ -21,7 +21,7 @@ import torch
 
 from diffusion_lm.backbone import ScratchBackbone
 from diffusion_lm.cli import main
-from diffusion_lm.sampling.commands import PromptRecord, answer_prompts, build_sampler
+from diffusion_lm.pipeline import PromptRecord, answer_prompts, build_sampler
 from diffusion_lm.serve import create_app
 from diffusion_lm.serve.scheduler import BatchScheduler, Job, QueueFull
 
@@ -49,8 +49,8 @@ def expected(lm: EchoLM, text: str, seed: int, canvas: int = 16, **sampler) -> s
     """The answer of one request decoded alone (no server, no batch)."""
     from diffusion_lm.data.conversation import Turn
 
-    rows, _ = answer_prompts(lm, [PromptRecord(0, [Turn("user", text)], text)], sampler=build_sampler(**sampler),
-                             canvas_length=canvas, seed=seed, batch_size=1)
+    rows, _ = answer_prompts(lm, [PromptRecord(0, [Turn("user", text)], text)],
+                             sampler=build_sampler(**sampler), canvas_length=canvas, seed=seed, batch_size=1)
     return rows[0]["answer"]
 
 
@@ -64,8 +64,8 @@ def test_openai_client_completion_and_stream(template):
     with ServerThread(create_app(lm, model_name="echo")) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         assert [m.id for m in client.models.list().data] == ["echo"]
-        reply = client.chat.completions.create(model="echo", messages=user("Hello there, how are you?"), seed=7,
-                                               max_tokens=12)
+        reply = client.chat.completions.create(model="echo", messages=user("Hello there, how are you?"),
+                                               seed=7, max_tokens=12)
         answer = reply.choices[0].message.content
         assert answer == expected(lm, "Hello there, how are you?", 7, canvas=12)
         assert reply.choices[0].finish_reason == "stop" and reply.object == "chat.completion"
@@ -75,14 +75,16 @@ def test_openai_client_completion_and_stream(template):
                                                 extra_body={"diffusion": {"preset": "greedy"}})
         assert greedy.choices[0].message.content == "Привет, как дела?"  # the echo, exactly
 
-        stream = client.chat.completions.create(model="echo", messages=user("Hello there, how are you?"), seed=7,
-                                                max_tokens=12, stream=True, stream_options={"include_usage": True})
+        stream = client.chat.completions.create(model="echo", messages=user("Hello there, how are you?"),
+                                                seed=7, max_tokens=12, stream=True,
+                                                stream_options={"include_usage": True})
         chunks = list(stream)
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert text == answer  # a text-only client concatenates deltas and gets the answer
         assert all(c.object == "chat.completion.chunk" for c in chunks)
         assert chunks[0].choices[0].delta.role == "assistant"
-        assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+        finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        assert finishes == ["stop"]
         assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
         states = [c.model_extra["diffusion"] for c in chunks if "diffusion" in (c.model_extra or {})]
         assert states[0]["step"] == 0 and states[0]["masked"] == 12 and states[0]["slots"] == [None] * 12
@@ -172,7 +174,8 @@ def test_scheduler_batches_by_key_bounds_its_queue_and_drops_cancelled_jobs():
         loop.close()
     assert seen == [[0], [1, 4, 5], [3]]  # oldest first; same key together, up to max_batch_size
     assert counters["batch_sizes"] == {"1": 2, "3": 1} and counters["max_batch_size_seen"] == 3
-    assert counters["requests"] == {"submitted": 6, "completed": 5, "failed": 0, "cancelled": 1, "rejected": 1}
+    assert counters["requests"] == {"submitted": 6, "completed": 5, "failed": 0, "cancelled": 1,
+                                    "rejected": 1}
     assert counters["queued"] == 0 and counters["running"] == 0
 
 
@@ -196,12 +199,15 @@ BAD = [
     ("n > 1", {"messages": user("hi"), "n": 2}, "n"),
     ("stop strings", {"messages": user("hi"), "stop": ["\n"]}, "stop"),
     ("zero steps", {"messages": user("hi"), "diffusion": {"steps": 0}}, "diffusion.steps"),
-    ("steps and threshold", {"messages": user("hi"), "diffusion": {"steps": 3, "threshold": 0.9}}, "diffusion.steps"),
+    ("steps and threshold", {"messages": user("hi"), "diffusion": {"steps": 3, "threshold": 0.9}},
+     "diffusion.steps"),
     ("unknown preset", {"messages": user("hi"), "diffusion": {"preset": "turbo"}}, "diffusion.preset"),
-    ("top_p on a greedy preset", {"messages": user("hi"), "top_p": 0.5, "diffusion": {"preset": "greedy"}}, "top_p"),
+    ("top_p on a greedy preset", {"messages": user("hi"), "top_p": 0.5, "diffusion": {"preset": "greedy"}},
+     "top_p"),
     ("seed out of range", {"messages": user("hi"), "seed": 2**70}, "seed"),
     ("a penalty", {"messages": user("hi"), "presence_penalty": 0.5}, "presence_penalty"),
-    ("an image part", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+    ("an image part",
+     {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "messages[0].content[0].type"),
 ]
 
@@ -210,7 +216,8 @@ def test_each_bad_input_gets_a_4xx_naming_the_field_and_the_server_keeps_serving
     lm = EchoLM(template)
     with ServerThread(create_app(lm, model_name="echo")) as url:
         for what, body, param in BAD:
-            kwargs = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) \
+            kwargs = {"content": body,
+                      "headers": {"content-type": "application/json"}} if isinstance(body, bytes) \
                 else {"json": body}
             r = httpx.post(url + CHAT, **kwargs)
             assert r.status_code == 400, (what, r.text)
@@ -224,12 +231,14 @@ def test_each_bad_input_gets_a_4xx_naming_the_field_and_the_server_keeps_serving
         wrong = httpx.post(url + CHAT, json={"model": "gpt-4", "messages": user("hi")})
         assert wrong.status_code == 404 and wrong.json()["error"]["param"] == "model"
         assert httpx.get(url + "/v1/nothing").status_code == 404
-        assert httpx.post(url + "/v1/infill", json={"text": "no hole here"}).json()["error"]["param"] == "text"
+        assert httpx.post(url + "/v1/infill",
+                          json={"text": "no hole here"}).json()["error"]["param"] == "text"
         huge = httpx.post(url + CHAT, content=b"{" + b" " * (5 << 20) + b"}",
                           headers={"content-type": "application/json"})
         assert huge.status_code == 413
         # still serving, nothing left behind
-        ok = httpx.post(url + CHAT, json={"messages": user("still there?"), "diffusion": {"preset": "greedy"}})
+        ok = httpx.post(url + CHAT,
+                        json={"messages": user("still there?"), "diffusion": {"preset": "greedy"}})
         assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == "still there?"
         assert httpx.get(url + "/health").json()["status"] == "ok"
         counters = stats(url)
@@ -245,7 +254,8 @@ def test_full_queue_answers_429_with_retry_after(template):
             lines = running.iter_lines()
             while '"step": 1' not in next(lines):  # the first request is being decoded
                 pass
-            queued = threading.Thread(target=lambda: httpx.post(url + CHAT, json={**body, "stream": False}, timeout=60))
+            queued = threading.Thread(target=lambda: httpx.post(url + CHAT, json={**body, "stream": False},
+                                                                timeout=60))
             queued.start()
             deadline = time.monotonic() + 10
             while stats(url)["queued"] < 1 and time.monotonic() < deadline:
@@ -264,8 +274,8 @@ def test_full_queue_answers_429_with_retry_after(template):
 def test_client_disconnect_mid_stream_cancels_the_request(template):
     lm = EchoLM(template, delay=0.05)
     with ServerThread(create_app(lm, model_name="echo")) as url:
-        body = {"messages": user("a long answer that takes many steps to unmask"), "max_tokens": 24, "stream": True,
-                "diffusion": {"preset": "greedy"}}
+        body = {"messages": user("a long answer that takes many steps to unmask"), "max_tokens": 24,
+                "stream": True, "diffusion": {"preset": "greedy"}}
         with httpx.Client(timeout=60) as client, client.stream("POST", url + CHAT, json=body) as r:
             lines = r.iter_lines()
             while '"step": 2' not in next(lines):
@@ -291,7 +301,8 @@ def test_client_disconnect_mid_stream_cancels_the_request(template):
             time.sleep(0.02)
         counters = stats(url)
         assert counters["requests"]["cancelled"] == 2 and counters["aborted_batches"] == 2, counters
-        after = httpx.post(url + CHAT, json={**body, "stream": False, "max_tokens": 8, "messages": user("next")})
+        after = httpx.post(url + CHAT,
+                           json={**body, "stream": False, "max_tokens": 8, "messages": user("next")})
         assert after.status_code == 200 and after.json()["choices"][0]["message"]["content"] == "next"
 
 
@@ -329,7 +340,8 @@ def test_a_failing_batch_is_a_500_for_its_requests_only(template):
         with pytest.raises(openai.APIError, match="device lost"):
             list(client.chat.completions.create(model="echo", messages=user("boom"), stream=True))
         parts = [{"type": "text", "text": "fine "}, {"type": "text", "text": "again"}]
-        reply = client.chat.completions.create(model="echo", messages=[{"role": "developer", "content": "Be brief."},
+        reply = client.chat.completions.create(model="echo",
+                                               messages=[{"role": "developer", "content": "Be brief."},
                                                                        {"role": "user", "content": parts}],
                                                extra_body={"diffusion": {"preset": "greedy"}})
         assert reply.choices[0].message.content == "fine again"
@@ -354,8 +366,8 @@ def test_infill_endpoint_fills_holes_and_streams_the_text(template):
                     events.append(json.loads(line[6:]))
         assert events[0]["diffusion"]["masked"] == 5 and events[0]["diffusion"]["state"].count("\u2592") == 5
         assert events[-1]["text"] == out["text"] and events[-1]["diffusion"]["done"]
-        assert [e["diffusion"]["masked"] for e in events] == sorted((e["diffusion"]["masked"] for e in events),
-                                                                   reverse=True)
+        masked = [e["diffusion"]["masked"] for e in events]
+        assert masked == sorted(masked, reverse=True)
 
 
 # --------------------------------------------------------------------------- the command
@@ -384,13 +396,15 @@ def test_serve_command_serves_a_model_folder(export_folder):
                     break
             except httpx.HTTPError:
                 pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
+            alive = proc.poll() is None and time.monotonic() < deadline
+            assert alive, proc.stdout.read() if proc.stdout else ""
             time.sleep(0.2)
         client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
         reply = client.chat.completions.create(model="tiny", messages=user("Привет!"), max_tokens=6, seed=1)
         assert isinstance(reply.choices[0].message.content, str)
         assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage.completion_tokens <= 6
-        chunks = list(client.chat.completions.create(model="tiny", messages=user("Hello"), max_tokens=6, stream=True))
+        chunks = list(client.chat.completions.create(model="tiny", messages=user("Hello"), max_tokens=6,
+                                                     stream=True))
         assert chunks[-1].choices[0].finish_reason in ("stop", "length")
         assert len([c for c in chunks if "diffusion" in (c.model_extra or {})]) >= 2
         card = client.models.retrieve("tiny")

@@ -16,11 +16,14 @@ from diffusion_lm.serve import create_app
 
 from .serving import EchoLM, ServerThread
 
-CHROMIUM = next((p for p in (os.environ.get("CHROMIUM"), shutil.which("chromium"), shutil.which("chromium-browser"),
+CHROMIUM = next((p for p in (os.environ.get("CHROMIUM"), shutil.which("chromium"),
+                             shutil.which("chromium-browser"),
                              "/usr/bin/chromium") if p and os.path.exists(p)), None)
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed (Debian: apt-get install chromium; "
+pytestmark = pytest.mark.skipif(CHROMIUM is None,
+                                reason="no Chromium installed (Debian: apt-get install chromium; "
                                 "or set CHROMIUM=/path/to/chrome): the web page test drives a system browser")
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is a test extra: pip install -e '.[test]'")
+sync_api = pytest.importorskip("playwright.sync_api",
+                               reason="playwright is a test extra: pip install -e '.[test]'")
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -32,10 +35,13 @@ new MutationObserver(() => {
   const answers = document.querySelectorAll('.msg.assistant .answer');
   const a = answers[answers.length - 1];
   if (!a || a.dataset.step === undefined) return;
-  const rec = {n: answers.length, step: a.dataset.step, masked: Number(a.dataset.masked), done: a.dataset.done === '1',
-               text: a.textContent, fresh: a.querySelectorAll('.slot.fresh').length};
+  const rec = {n: answers.length, step: a.dataset.step, masked: Number(a.dataset.masked),
+               done: a.dataset.done === '1', text: a.textContent,
+               fresh: a.querySelectorAll('.slot.fresh').length};
   const last = window.__states[window.__states.length - 1];
-  if (!last || last.n !== rec.n || last.step !== rec.step || last.done !== rec.done) window.__states.push(rec);
+  if (!last || last.n !== rec.n || last.step !== rec.step || last.done !== rec.done) {
+    window.__states.push(rec);
+  }
 }).observe(document, {subtree: true, childList: true, attributes: true, characterData: true});
 """
 
@@ -60,7 +66,8 @@ def test_page_unmasks_the_answer_live_and_ends_with_the_api_answer(template, tmp
             page.fill("#seed", "42")
             page.fill("#max_tokens", "12")
             conversation = []
-            for turn, text in enumerate(["Hello there, how are you today?", "Привет! Как у тебя дела?"], start=1):
+            for turn, text in enumerate(["Hello there, how are you today?", "Привет! Как у тебя дела?"],
+                                        start=1):
                 states = _ask(page, text, turn)
                 final = states[-1]
                 live = [s for s in states if not s["done"]]
@@ -73,11 +80,13 @@ def test_page_unmasks_the_answer_live_and_ends_with_the_api_answer(template, tmp
                 assert any(s["fresh"] > 0 for s in live[1:])  # newly committed tokens are highlighted
                 conversation.append({"role": "user", "content": text})
                 api = httpx.post(url + "/v1/chat/completions",
-                                 json={"model": "echo", "messages": conversation, "seed": 42, "max_tokens": 12}).json()
+                                 json={"model": "echo", "messages": conversation, "seed": 42,
+                                       "max_tokens": 12}).json()
                 answer = api["choices"][0]["message"]["content"]
                 assert final["done"] and final["text"] == answer
                 conversation.append({"role": "assistant", "content": answer})
-            assert "Привет" in final["text"] or "дела" in final["text"]  # Cyrillic round-trips through the page
+            # Cyrillic round-trips through the page
+            assert "Привет" in final["text"] or "дела" in final["text"]
             assert page.locator(".msg.user").all_text_contents()[1] == "Привет! Как у тебя дела?"
         finally:
             context.close()

@@ -97,19 +97,21 @@ def held_out_exact(model: MaskedDiffusionLM, test: list[dict], canvas: int) -> l
     prompts = [[Turn("user", d["messages"][0]["content"])] for d in test]
     sampler = SamplerConfig.preset("greedy", processors=["eos"])
     result = model.generate(prompts, sampler=sampler, canvas_length=canvas, seed=0)
-    return [ids == model.template.encode_text(d["messages"][1]["content"]) for ids, d in zip(result.ids, test)]
+    answers = [model.template.encode_text(d["messages"][1]["content"]) for d in test]
+    return [ids == answer for ids, answer in zip(result.ids, answers)]
 
 
 def run_mode(mode: str, files: dict, test: list[dict], args, seed: int) -> dict:
     """Train one model with ``mode``'s batching and measure it."""
     pl.seed_everything(seed, workers=True)
-    backbone = ScratchBackbone(model_type="modernbert", tokenizer=str(files["tokenizer"]), hidden_size=args.hidden,
-                               num_hidden_layers=args.layers,
+    backbone = ScratchBackbone(model_type="modernbert", tokenizer=str(files["tokenizer"]),
+                               hidden_size=args.hidden, num_hidden_layers=args.layers,
                                num_attention_heads=getattr(args, "heads", None) or max(1, args.hidden // 32),
                                intermediate_size=2 * args.hidden,
                                max_position_embeddings=args.max_length)
-    model = MaskedDiffusionLM(backbone, learning_rate=args.lr, warmup_steps=args.warmup, lr_schedule="constant",
-                              canvas_length=args.canvas, seed=seed, health_check=False)
+    model = MaskedDiffusionLM(backbone, learning_rate=args.lr, warmup_steps=args.warmup,
+                              lr_schedule="constant", canvas_length=args.canvas, seed=seed,
+                              health_check=False)
     data = DialogDataModule(
         [DataSource(str(files["train_en"]), language="en", weight=0.5, val_size=0),
          DataSource(str(files["train_ru"]), language="ru", weight=0.5, val_size=0)],
@@ -118,9 +120,10 @@ def run_mode(mode: str, files: dict, test: list[dict], args, seed: int) -> dict:
         cache_dir=str(files["cache"]), **MODES[mode],
     )
     speed = _Throughput()
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=args.steps, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
-                         limit_val_batches=0, callbacks=[speed], default_root_dir=str(files["cache"]))
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=args.steps, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         use_distributed_sampler=False, limit_val_batches=0, callbacks=[speed],
+                         default_root_dir=str(files["cache"]))
     trainer.fit(model, data)
     stats = batch_statistics(data.train_dataloader(), ["en", "ru"])
     right = held_out_exact(model, test, args.canvas)
@@ -137,7 +140,8 @@ def run_mode(mode: str, files: dict, test: list[dict], args, seed: int) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--task", choices=["numbers", "digits"], default="numbers")
@@ -168,8 +172,8 @@ def main(argv=None) -> dict:
             test = [json.loads(line) for line in files["test"].read_text(encoding="utf-8").splitlines()]
             for mode in args.modes:  # modes interleaved within each seed
                 runs[mode].append(run_mode(mode, files, test, args, seed))
-                print(f"seed {seed} {mode}: {runs[mode][-1]['exact']}/{runs[mode][-1]['held_out']} held-out exact, "
-                      f"{runs[mode][-1]['train_seconds']:.0f} s", file=sys.stderr, flush=True)
+                print(f"seed {seed} {mode}: {runs[mode][-1]['exact']}/{runs[mode][-1]['held_out']} held-out "
+                      f"exact, {runs[mode][-1]['train_seconds']:.0f} s", file=sys.stderr, flush=True)
         for mode, per_seed in runs.items():
             keys = per_seed[0].keys()
             results["modes"][mode] = {k: statistics.fmean(r[k] for r in per_seed) for k in keys}

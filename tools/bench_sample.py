@@ -77,7 +77,8 @@ def naive_generate(model, prompts: list[list[int]], canvas_length: int) -> dict:
             out = out[: out.index(tpl.eos_id)]
         answers.append([t for t in out if t not in (tpl.pad_id, tpl.mask_id)])
     n = len(prompts)
-    return {"ids": answers, "calls": canvas_length, "row_forwards": canvas_length * n, "tokens": canvas_length * n}
+    return {"ids": answers, "calls": canvas_length, "row_forwards": canvas_length * n,
+            "tokens": canvas_length * n}
 
 
 def ours_generate(model, prompts: list[list[int]], canvas_length: int, preset: str) -> dict:
@@ -85,8 +86,8 @@ def ours_generate(model, prompts: list[list[int]], canvas_length: int, preset: s
     result = generate(model.denoise, prompts, mask_id=tpl.mask_id, eos_id=tpl.eos_id, pad_id=tpl.pad_id,
                       canvas_length=canvas_length, sampler=SamplerConfig.preset(preset), seed=0,
                       max_length=model.max_length)
-    return {"ids": result.ids, "calls": result.stats.nfe, "row_forwards": sum(s.nfe for s in result.row_stats),
-            "tokens": result.stats.tokens}
+    return {"ids": result.ids, "calls": result.stats.nfe,
+            "row_forwards": sum(s.nfe for s in result.row_stats), "tokens": result.stats.tokens}
 
 
 def run_once(model, variant: str, prompts: list[list[int]], canvas_length: int, batch: int) -> dict:
@@ -135,8 +136,9 @@ def run_batch(model, variants: list[str], prompts: list[list[int]], canvas_lengt
 def build_scratch(max_positions: int):
     from diffusion_lm import MaskedDiffusionLM, ScratchBackbone
 
-    backbone = ScratchBackbone(model_type="modernbert", hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                               intermediate_size=512, max_position_embeddings=max_positions)
+    backbone = ScratchBackbone(model_type="modernbert", hidden_size=256, num_hidden_layers=4,
+                               num_attention_heads=4, intermediate_size=512,
+                               max_position_embeddings=max_positions)
     return MaskedDiffusionLM(backbone, health_check=False).eval()
 
 
@@ -145,7 +147,8 @@ def main(argv=None) -> dict:
     p.add_argument("--model", default="runs/demo/lightning_logs/version_0/checkpoints/last.ckpt",
                    help="a .ckpt or an export folder")
     p.add_argument("--scratch", action="store_true", help="use an untrained demo-size scratch model instead")
-    p.add_argument("--canvas", type=int, default=None, help="answer slots (default: the model's canvas_length)")
+    p.add_argument("--canvas", type=int, default=None,
+                   help="answer slots (default: the model's canvas_length)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--variants", nargs="+", default=["naive", "greedy", "fast", "quality"])
     p.add_argument("--repeats", type=int, default=5)

@@ -66,10 +66,10 @@ class Server:
     def __init__(self, args: argparse.Namespace, max_batch_size: int) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [sys.executable, "-m", "diffusion_lm", "serve", "--model", args.model, "--port", str(self.port),
-                    "--preset", args.preset, "--max_batch_size", str(max_batch_size), "--max_wait_ms",
-                    str(args.max_wait_ms), "--max_queue", "100000", "--served_model_name", "bench", "--device",
-                    args.device, "--log_level", "warning"]
+        self.cmd = [sys.executable, "-m", "diffusion_lm", "serve", "--model", args.model, "--port",
+                    str(self.port), "--preset", args.preset, "--max_batch_size", str(max_batch_size),
+                    "--max_wait_ms", str(args.max_wait_ms), "--max_queue", "100000", "--served_model_name",
+                    "bench", "--device", args.device, "--log_level", "warning"]
         if args.sampler:
             self.cmd += ["--sampler", args.sampler]
         self.threads = args.threads
@@ -79,7 +79,8 @@ class Server:
         env = dict(os.environ)
         if self.threads:  # intra-op threads of the server's torch (read at its start)
             env.update(OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                     env=env)
         deadline = time.monotonic() + 300
         while True:
             try:
@@ -88,7 +89,8 @@ class Server:
             except httpx.HTTPError:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not start: {self.proc.stderr.read() if self.proc.stderr else ''}")
+                raise RuntimeError("the server did not start: "
+                                   f"{self.proc.stderr.read() if self.proc.stderr else ''}")
             time.sleep(0.2)
 
     def __exit__(self, *exc) -> None:
@@ -139,15 +141,18 @@ async def _level(url: str, concurrency: int, n: int, args: argparse.Namespace) -
     tokens = sum(r[1] for r in results)
     return {"concurrency": concurrency, "requests": n, "seconds": round(wall, 3),
             "requests_per_second": round(n / wall, 2), "answer_tokens_per_second": round(tokens / wall, 1),
-            "latency_p50": round(_percentile(latencies, 0.5), 3), "latency_p95": round(_percentile(latencies, 0.95), 3),
-            "latency_max": round(max(latencies), 3), "mean_answer_tokens": round(tokens / n, 2)}
+            "latency_p50": round(_percentile(latencies, 0.5), 3),
+            "latency_p95": round(_percentile(latencies, 0.95), 3), "latency_max": round(max(latencies), 3),
+            "mean_answer_tokens": round(tokens / n, 2)}
 
 
 def _batch_delta(before: dict, after: dict) -> dict:
-    sizes = {k: after["batch_sizes"].get(k, 0) - before["batch_sizes"].get(k, 0) for k in after["batch_sizes"]}
+    sizes = {k: after["batch_sizes"].get(k, 0) - before["batch_sizes"].get(k,
+                                                                           0) for k in after["batch_sizes"]}
     sizes = {k: v for k, v in sizes.items() if v}
     batches = sum(sizes.values())
-    return {"batches": batches, "mean_batch_size": round(sum(int(k) * v for k, v in sizes.items()) / batches, 2)
+    return {"batches": batches,
+            "mean_batch_size": round(sum(int(k) * v for k, v in sizes.items()) / batches, 2)
             if batches else 0.0, "batch_sizes": dict(sorted(sizes.items(), key=lambda kv: int(kv[0])))}
 
 
@@ -162,7 +167,8 @@ def build_scratch(hidden: int, layers: int, folder: str) -> tuple[str, int]:
                                max_position_embeddings=256)
     model = MaskedDiffusionLM(backbone, canvas_length=32, health_check=False)
     params = sum(p.numel() for p in model.parameters())
-    print(f"scratch model: hidden {hidden}, {layers} layers, {params / 1e6:.1f} M parameters", file=sys.stderr)
+    print(f"scratch model: hidden {hidden}, {layers} layers, {params / 1e6:.1f} M parameters",
+          file=sys.stderr)
     return str(export_model(model, folder, verify=False)), model.template.eos_id
 
 
@@ -186,9 +192,11 @@ def _run(args: argparse.Namespace) -> dict:
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "python": platform.python_version()},
         "settings": {"model": f"scratch {args.scratch[0]}x{args.scratch[1]} (untrained)" if args.scratch
-                     else args.model, "preset": args.preset, "sampler": args.sampler, "max_tokens": args.max_tokens,
-                     "stream": args.stream, "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
-                     "requests_per_level": args.requests, "device": args.device, "server_threads": args.threads},
+                     else args.model, "preset": args.preset, "sampler": args.sampler,
+                     "max_tokens": args.max_tokens, "stream": args.stream,
+                     "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
+                     "requests_per_level": args.requests, "device": args.device,
+                     "server_threads": args.threads},
         "results": {},
     }
     try:
@@ -207,14 +215,16 @@ def _run(args: argparse.Namespace) -> dict:
                 row = asyncio.run(_level(server.url, c, max(args.requests, c), args))
                 row.update(_batch_delta(before, server.stats()))
                 rows.append(row)
-                print(f"{name:9s} c={c:3d}: {row['requests_per_second']:7.2f} req/s, p50 {row['latency_p50']:.3f} s, "
-                      f"p95 {row['latency_p95']:.3f} s, mean batch {row['mean_batch_size']}", file=sys.stderr)
+                print(f"{name:9s} c={c:3d}: {row['requests_per_second']:7.2f} req/s, p50 "
+                      f"{row['latency_p50']:.3f} s, p95 {row['latency_p95']:.3f} s, mean batch "
+                      f"{row['mean_batch_size']}", file=sys.stderr)
         out["results"][name] = rows
     return out
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="a .ckpt checkpoint or an export folder")
     parser.add_argument("--scratch", type=int, nargs=2, metavar=("HIDDEN", "LAYERS"),
                         help="serve an untrained model of this size instead (EOS suppressed: fixed work)")
@@ -228,7 +238,8 @@ def main() -> None:
     parser.add_argument("--stream", action="store_true", help="stream every request (SSE)")
     parser.add_argument("--no_baseline", action="store_true", help="skip the max_batch_size=1 server")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, help="the server's torch threads (OMP_NUM_THREADS); default: torch's")
+    parser.add_argument("--threads", type=int,
+                        help="the server's torch threads (OMP_NUM_THREADS); default: torch's")
     parser.add_argument("--output", help="also write the JSON here")
     args = parser.parse_args()
     result = run(args)

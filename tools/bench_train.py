@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from diffusion_lm.backbone import Backbone
+from diffusion_lm.backbone import SparseHeadDenoiser
 from diffusion_lm.objective import masked_diffusion_nelbo
 from diffusion_lm.schedules import LogLinearSchedule, stratified_times
 
@@ -72,7 +72,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = build(args).to(device)
     mask_id = args.vocab - 1
-    net = Backbone(model, mask_id)
+    net = SparseHeadDenoiser(model, mask_id)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     schedule = LogLinearSchedule()
     ids = torch.randint(1, args.vocab - 1, (args.batch, args.length), device=device)
@@ -97,7 +97,8 @@ def main() -> None:
             start = time.perf_counter()
             with autocast:
                 if variant == "ours":
-                    out = masked_diffusion_nelbo(net, ids, attn, loss_mask, t, schedule, mask_id, generator=gen)
+                    out = masked_diffusion_nelbo(net, ids, attn, loss_mask, t, schedule, mask_id,
+                                                 generator=gen)
                     loss, logits_bytes = out.loss, out.num_masked * args.vocab * 4
                 else:
                     loss, logits_bytes = naive_loss(model, ids, attn, loss_mask, t, schedule, mask_id, gen)
@@ -123,7 +124,8 @@ def main() -> None:
             {
                 "benchmark": "train_step",
                 "config": vars(args),
-                "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+                "device": (torch.cuda.get_device_name() if device.type == "cuda"
+                           else platform.processor() or "cpu"),
                 "threads": torch.get_num_threads(),
                 "ours_gathered_head": ours,
                 "naive_full_logits": naive,

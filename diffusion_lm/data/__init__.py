@@ -1,13 +1,26 @@
-"""Dialog data: sources, the chat template, canvas policy, batching and the DialogDataModule."""
+"""Dialog data: sources, skip accounting, examples, the mix, canvas policy, batching and the DialogDataModule.
+
+The chat types (``Turn``, ``Conversation``, ``ChatTemplate``, ``ValidationPrompt``) live in
+:mod:`diffusion_lm.chat` and are re-exported here.
+"""
 
 from .batching import DialogBatchSampler, LengthGroupedBatchSampler, SampleKey
 from .collate import CanvasPolicy, DiffusionCollator
-from .conversation import ROLES, SKIP_REASONS, BadRecord, BadRecordError, Conversation, Turn
-from .datamodule import DEFAULT_VALIDATION_PROMPTS, DialogDataModule, SkipSummary, ValidationPrompt
+from ..chat import (
+    DEFAULT_VALIDATION_PROMPTS,
+    ROLES,
+    BadRecord,
+    ChatTemplate,
+    Conversation,
+    Turn,
+    ValidationPrompt,
+    special_ids,
+)
+from .datamodule import DialogDataModule
 from .examples import ExampleBuilder
-from .mixing import apportion, mix_size
+from .mix import apportion, build_mix, mix_size
+from .skips import SKIP_REASONS, BadRecordError, SkipSummary
 from .sources import ADAPTERS, DATASET_PRESETS, DataSource, load_raw, to_conversation
-from .template import ChatTemplate, special_ids
 
 __all__ = [
     "ADAPTERS",
@@ -31,6 +44,7 @@ __all__ = [
     "Turn",
     "ValidationPrompt",
     "apportion",
+    "build_mix",
     "load_raw",
     "mix_size",
     "special_ids",

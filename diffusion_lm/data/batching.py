@@ -215,8 +215,9 @@ class DialogBatchSampler(Sampler[list[SampleKey]]):
             if epoch == self.epoch:
                 skip = done // self.global_batch_size
                 if done % self.global_batch_size:
-                    log.warning("resuming after %d examples of epoch %d, not a multiple of the global batch (%d): "
-                                "the batch size or process count changed; continuing at the next whole batch",
+                    log.warning("resuming after %d examples of epoch %d, not a multiple of the global batch "
+                                "(%d): the batch size or process count changed; continuing at the next whole "
+                                "batch",
                                 done, epoch, self.global_batch_size)
                     skip += 1
         for batch in batches[skip:]:
@@ -233,7 +234,8 @@ class LengthGroupedBatchSampler(DialogBatchSampler):
     """:class:`DialogBatchSampler` with length grouping on by default (``group_batches=64``): less
     padding without packing, at the price of batches biased towards one length class."""
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, *, group_batches: int = 64, **kwargs: Any) -> None:
+    def __init__(self, lengths: Sequence[int], batch_size: int, *, group_batches: int = 64,
+                 **kwargs: Any) -> None:
         super().__init__(lengths, batch_size, group_batches=group_batches, **kwargs)
 
 
@@ -258,8 +260,8 @@ class ResumableLoader(DataLoader):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         sampler: DialogBatchSampler = self.batch_sampler  # type: ignore[assignment]
         if state.get("num_examples") != len(sampler.lengths) or state.get("seed") != sampler.seed:
-            log.warning("the checkpoint's training data (%s examples, seed %s) differs from this run's (%d, seed %d): "
-                        "the data order restarts at the beginning of the epoch",
+            log.warning("the checkpoint's training data (%s examples, seed %s) differs from this run's (%d, "
+                        "seed %d): the data order restarts at the beginning of the epoch",
                         state.get("num_examples"), state.get("seed"), len(sampler.lengths), sampler.seed)
             return
         sampler.resume(int(state["epoch"]), int(state["examples_done"]))

@@ -68,12 +68,12 @@ class DiffusionCollator:
     """Turns a list of ``{prompt_ids, answer_ids, ...}`` examples into a batch.
 
     Layout of one example: ``prompt, answer (ending with EOS), pad filler`` (see :class:`CanvasPolicy`).
-    With ``pack``, examples are packed (first-fit decreasing) into rows, each example a *segment* that
-    attends only to itself (see :class:`~diffusion_lm.backbone.Backbone`): short examples share a row
-    instead of being padded to the longest, and no length grouping is needed. Rows hold at most
-    ``pack_length`` tokens, by default as many as the batch's longest example: rows then never get
-    wider than padded rows would be (attention cost grows with the row width), and there are fewer
-    of them. Without ``pack``, every example gets a row of its own.
+    With ``pack``, examples are packed (first-fit decreasing) into rows, each example a *segment*
+    that attends only to itself (see :class:`~diffusion_lm.backbone.SparseHeadDenoiser`): short
+    examples share a row instead of being padded to the longest, and no length grouping is needed.
+    Rows hold at most ``pack_length`` tokens, by default as many as the batch's longest example: rows
+    then never get wider than padded rows would be (attention cost grows with the row width), and
+    there are fewer of them. Without ``pack``, every example gets a row of its own.
 
     Row keys (``[R, W]``): ``input_ids`` (clean ids), ``attention_mask`` (0 on row padding, else the
     example's segment number in its row, 1, 2, ...; filler is data and is attended), ``loss_mask``
@@ -186,7 +186,8 @@ class DiffusionCollator:
             "metric_mask": metric_mask,
             "example": example,
             "position": position,
-            "sample_index": torch.tensor([int(ex.get("sample_index", -1)) for ex in examples], dtype=torch.long),
+            "sample_index": torch.tensor([int(ex.get("sample_index", -1)) for ex in examples],
+                                         dtype=torch.long),
             "counted": torch.tensor(counted, dtype=torch.bool),
             "truncated": torch.tensor([bool(ex.get("truncated", False)) for ex in examples]),
             "language": [ex.get("language", "") for ex in examples],

@@ -20,10 +20,10 @@ import json
 import logging
 from typing import Optional, Sequence
 
+from ..chat import BadRecord, ChatTemplate
 from .collate import CanvasPolicy
-from .conversation import BadRecord, BadRecordError
+from .skips import BadRecordError
 from .sources import DataSource, to_conversation
-from .template import ChatTemplate
 
 __all__ = ["ExampleBuilder", "PackRecord", "example_features", "skip_key", "parse_skip_key", "PACKED_COLUMN"]
 
@@ -189,10 +189,12 @@ class ExampleBuilder:
             truncated = False
             if len(answer) > self.canvas.length:
                 if self.canvas.overflow == "drop":
-                    drops.append(("answer_too_long", f"turn {turn}: {len(answer)} > canvas {self.canvas.length}"))
+                    drops.append(("answer_too_long",
+                                  f"turn {turn}: {len(answer)} > canvas {self.canvas.length}"))
                     continue
                 answer, truncated = answer[: self.canvas.length], True  # cut: no end token
-            examples.append({"prompt_ids": prompt, "answer_ids": answer, "truncated": truncated, "turn": turn})
+            examples.append({"prompt_ids": prompt, "answer_ids": answer, "truncated": truncated,
+                             "turn": turn})
         return examples, drops
 
     def record_examples(self, record: dict, index: int) -> tuple[list[dict], list[tuple[str, str]]]:
@@ -202,7 +204,8 @@ class ExampleBuilder:
     def _records_examples(self, records: Sequence[dict], indices: Sequence[int]):
         """``record_examples`` for many records, tokenising all their turns in one tokenizer call."""
         adapted = [self._adapt(r, i) for r, i in zip(records, indices)]
-        texts = [t.content for conv, targets in adapted if conv is not None for t in conv.turns[: max(targets) + 1]]
+        texts = [t.content for conv, targets in adapted if conv is not None
+                 for t in conv.turns[: max(targets) + 1]]
         try:
             encoded = self.template.encode_texts(texts)
         except Exception:  # noqa: BLE001 - find the record at fault one by one below
@@ -215,7 +218,8 @@ class ExampleBuilder:
             n = max(targets) + 1
             try:
                 contents = encoded[at : at + n] if encoded is not None else None
-                results.append(self._limit(targets, self.template.examples(conv.turns, targets, encoded=contents)))
+                results.append(self._limit(targets,
+                                           self.template.examples(conv.turns, targets, encoded=contents)))
             except Exception as err:  # noqa: BLE001
                 results.append(([], self._failed(err, index)))
             at += n
@@ -245,7 +249,8 @@ class ExampleBuilder:
         """Columns of :func:`example_features` for ``records`` at row ``positions``."""
         out: dict[str, list] = {k: [] for k in OUTPUT_COLUMNS}
 
-        def emit(prompt=(), answer=(), truncated=False, index=-1, turn=-1, reason="", partial=False, skipped=()):
+        def emit(prompt=(), answer=(), truncated=False, index=-1, turn=-1, reason="", partial=False,
+                 skipped=()):
             out["prompt_ids"].append(list(prompt))
             out["answer_ids"].append(list(answer))
             out["prompt_length"].append(len(prompt))
@@ -260,13 +265,17 @@ class ExampleBuilder:
             out["skipped"].append(list(skipped))
 
         indices = [self._index(p) for p in positions]
-        for record, index, (examples, drops) in zip(records, indices, self._records_examples(records, indices)):
+        for record, index, (examples, drops) in zip(records, indices,
+                                                    self._records_examples(records, indices)):
             if drops and self.strict:
                 reason, detail = drops[0]
                 raise BadRecordError(self.label, self.split, index, reason, detail, _snippet(record))
             # A record that gave examples loses only the dropped answers (each counted as a turn); one
             # that gave none is one skipped record, counted under its first reason.
-            skips = [(reason, True) for reason, _ in drops] if examples else [(drops[0][0], False)] if drops else []
+            if examples:
+                skips = [(reason, True) for reason, _ in drops]
+            else:
+                skips = [(drops[0][0], False)] if drops else []
             for reason, partial in skips:
                 if self.stream:
                     self._pending.append(skip_key(self.where, reason, partial))

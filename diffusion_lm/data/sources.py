@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Optional
 
 from ..errors import ConfigError
-from .conversation import BadRecord, Conversation, Turn
+from ..chat import BadRecord, Conversation, Turn
 
 __all__ = [
     "ADAPTERS",
@@ -147,7 +147,8 @@ class DataSource:
             raise ConfigError(f"{where}: weight must be a finite number > 0, got {self.weight}")
         fractional_count = self.val_size >= 1 and self.val_size != int(self.val_size)
         if not math.isfinite(self.val_size) or self.val_size < 0 or fractional_count:
-            raise ConfigError(f"{where}: val_size must be a count >= 0 or a fraction < 1, got {self.val_size}")
+            raise ConfigError(f"{where}: val_size must be a count >= 0 or a fraction < 1, "
+                              f"got {self.val_size}")
         if self.streaming and 0 < self.val_size < 1:
             raise ConfigError(
                 f"{where}: a streaming source has no known length, so val_size must be a record count "
@@ -209,7 +210,8 @@ def _message_list(record: dict, source: DataSource) -> list[Turn]:
 
 def _prompt_response(record: dict, source: DataSource) -> list[Turn]:
     turns = []
-    if source.system_column and isinstance(record.get(source.system_column), str) and record[source.system_column].strip():
+    if source.system_column and isinstance(record.get(source.system_column),
+                                           str) and record[source.system_column].strip():
         turns.append(Turn("system", record[source.system_column]))
     for column, role in ((source.prompt_column, "user"), (source.response_column, "assistant")):
         if column not in record:
@@ -236,7 +238,8 @@ ADAPTERS: dict[str, Callable[[dict, DataSource], list[Turn]]] = {
 }
 
 
-def to_conversation(record: dict, source: DataSource, index: int = -1, label: Optional[str] = None) -> Conversation:
+def to_conversation(record: dict, source: DataSource, index: int = -1,
+                    label: Optional[str] = None) -> Conversation:
     """Adapt one raw record; raises :class:`BadRecord` (with a countable reason) if unusable.
 
     ``label`` saves recomputing ``source.label`` (a file-system check) per record.
@@ -276,7 +279,8 @@ def chatterbot_records(language: str, categories: Optional[list[str]] = None) ->
         # BaseLoader keeps every scalar as written (a "yes" or "42" line stays text, not True/42).
         data = yaml.load(file.read_text(encoding="utf-8"), Loader=yaml.BaseLoader) or {}
         for dialog in data.get("conversations") or []:
-            records.append({"utterances": list(dialog) if isinstance(dialog, list) else [dialog], "category": file.stem})
+            records.append({"utterances": list(dialog) if isinstance(dialog, list) else [dialog],
+                            "category": file.stem})
     return records
 
 
@@ -325,8 +329,9 @@ def _scan_jsonl(path: Path, where: str, strict: bool) -> tuple[list[dict], list[
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as err:
                 if strict:
-                    raise ConfigError(f"{where}: line {lineno} is not valid UTF-8 (byte offset {start + err.start}); "
-                                      "re-encode the file as UTF-8, or set data.strict=false to skip such records")
+                    raise ConfigError(f"{where}: line {lineno} is not valid UTF-8 (byte offset "
+                                      f"{start + err.start}); re-encode the file as UTF-8, or set "
+                                      "data.strict=false to skip such records")
                 bad.append((lineno, start + err.start))
                 continue
             if not text.strip():
@@ -334,8 +339,8 @@ def _scan_jsonl(path: Path, where: str, strict: bool) -> tuple[list[dict], list[
             try:
                 record = json.loads(text)
             except json.JSONDecodeError as err:
-                raise ConfigError(f"{where}: line {lineno} is not valid JSON ({err.msg} at column {err.colno}); "
-                                  "fix or remove that line") from None
+                raise ConfigError(f"{where}: line {lineno} is not valid JSON ({err.msg} at column "
+                                  f"{err.colno}); fix or remove that line") from None
             if not isinstance(record, dict):
                 raise ConfigError(f"{where}: line {lineno} is a JSON {type(record).__name__}, not an object "
                                   "(one record object per line)")
@@ -343,7 +348,8 @@ def _scan_jsonl(path: Path, where: str, strict: bool) -> tuple[list[dict], list[
     return records, bad
 
 
-def _without_non_utf8(path: Path, where: str, strict: bool, on_skip: Optional[Callable[[str, int], None]]) -> Any:
+def _without_non_utf8(path: Path, where: str, strict: bool,
+                      on_skip: Optional[Callable[[str, int], None]]) -> Any:
     """A local file holding bytes that are not UTF-8 (found up front: Arrow's JSON reader may accept
     them and fail only when a record is read, mid-tokenisation). A JSON Lines file is read without
     those lines, counted as skipped ``non_utf8`` records (an error naming line and byte offset under
@@ -352,7 +358,8 @@ def _without_non_utf8(path: Path, where: str, strict: bool, on_skip: Optional[Ca
 
     if path.suffix.lower() != ".jsonl":
         offset, line = _first_bad_utf8(path)
-        raise ConfigError(f"{where}: not valid UTF-8 at byte offset {offset} (line {line}); re-encode the file as UTF-8")
+        raise ConfigError(f"{where}: not valid UTF-8 at byte offset {offset} (line {line}); re-encode the "
+                          "file as UTF-8")
     records, bad = _scan_jsonl(path, where, strict)
     if not records:
         raise ConfigError(f"{where}: the file holds no records that are valid UTF-8")
@@ -381,6 +388,42 @@ def _load_failure(path: Path, where: str, err: BaseException) -> ConfigError:
     return ConfigError(f"{where} could not be read ({type(cause).__name__}: {message})")
 
 
+def _load_arguments(source: DataSource, path: Path, where: str) -> tuple[tuple, dict[str, Any]]:
+    """The ``datasets.load_dataset`` arguments of a local file, a local folder or a hub id."""
+    if path.is_file():
+        builder = _LOCAL_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise ConfigError(f"{where}: unsupported file type {path.suffix!r}; use one of "
+                              f"{sorted(_LOCAL_BUILDERS)}")
+        if path.stat().st_size == 0:
+            raise ConfigError(f"{where}: the file is empty (no records)")
+        kwargs: dict[str, Any] = {"data_files": str(path), "split": "train"}
+        if source.json_field:
+            kwargs["field"] = source.json_field
+        return (builder,), kwargs
+    if path.is_dir() or source.path.count("/") == 1:
+        return (source.path, source.subset), {"split": source.split, "revision": source.revision}
+    raise ConfigError(f"{where}: no such file or folder, and not a hub id (owner/name)")
+
+
+def _load_dataset(source: DataSource, path: Path, where: str, cache_dir: Optional[str], args: tuple,
+                  kwargs: dict[str, Any]) -> Any:
+    """``datasets.load_dataset``, with a one-line :class:`ConfigError` for what a user can fix."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(*args, streaming=source.streaming, cache_dir=cache_dir, **kwargs)
+    except Exception as err:
+        if path.is_file() and not source.streaming:  # say what is wrong with the file, in one line
+            raise _load_failure(path, where, err) from err
+        if isinstance(err, (OSError, ValueError)):  # not found, offline, unknown split, unparsable file
+            raise ConfigError(
+                f"{where} could not be loaded ({err.__class__.__name__}: {err}). Check the path, subset "
+                "and split; hub datasets need network access or a filled cache (HF_HUB_OFFLINE=1 uses it)."
+            ) from err
+        raise
+
+
 def load_raw(source: DataSource, cache_dir: Optional[str] = None, strict: bool = False,
              on_skip: Optional[Callable[[str, int], None]] = None) -> Any:
     """The raw records of a source: a ``datasets.Dataset``, or an ``IterableDataset`` if streaming.
@@ -393,43 +436,18 @@ def load_raw(source: DataSource, cache_dir: Optional[str] = None, strict: bool =
     import datasets
 
     where = f"data source {source.label!r} ({source.path})"
+    path = Path(source.path)
     if source.format == "chatterbot":
         ds = datasets.Dataset.from_list(chatterbot_records(source.language, source.categories))
-        if source.streaming:
-            ds = ds.to_iterable_dataset()
+        ds = ds.to_iterable_dataset() if source.streaming else ds
     else:
-        path = Path(source.path)
-        ds = None
-        if path.is_file():
-            builder = _LOCAL_BUILDERS.get(path.suffix.lower())
-            if builder is None:
-                raise ConfigError(f"{where}: unsupported file type {path.suffix!r}; use one of {sorted(_LOCAL_BUILDERS)}")
-            if path.stat().st_size == 0:
-                raise ConfigError(f"{where}: the file is empty (no records)")
-            if builder in ("json", "csv") and _first_bad_utf8(path) is not None:
-                ds = _without_non_utf8(path, where, strict, on_skip)
-                ds = ds.to_iterable_dataset() if source.streaming else ds
-            args: tuple = (builder,)
-            kwargs: dict[str, Any] = {"data_files": str(path), "split": "train"}
-            if source.json_field:
-                kwargs["field"] = source.json_field
-        elif path.is_dir() or source.path.count("/") == 1:
-            args = (source.path, source.subset)
-            kwargs = {"split": source.split, "revision": source.revision}
+        args, kwargs = _load_arguments(source, path, where)
+        if path.is_file() and args[0] in ("json", "csv") and _first_bad_utf8(path) is not None:
+            ds = _without_non_utf8(path, where, strict, on_skip)
+            ds = ds.to_iterable_dataset() if source.streaming else ds
         else:
-            raise ConfigError(f"{where}: no such file or folder, and not a hub id (owner/name)")
-        try:
-            if ds is None:
-                ds = datasets.load_dataset(*args, streaming=source.streaming, cache_dir=cache_dir, **kwargs)
-        except Exception as err:
-            if path.is_file() and not source.streaming:  # say what is wrong with the file, in one line
-                raise _load_failure(path, where, err) from err
-            if isinstance(err, (OSError, ValueError)):  # not found, offline, unknown split, unparsable file
-                raise ConfigError(
-                    f"{where} could not be loaded ({err.__class__.__name__}: {err}). Check the path, subset "
-                    "and split; hub datasets need network access or a filled cache (HF_HUB_OFFLINE=1 uses it)."
-                ) from err
-            raise
+            ds = _load_dataset(source, path, where, cache_dir, args, kwargs)
     if source.max_samples is not None:
-        ds = ds.take(source.max_samples) if source.streaming else ds.select(range(min(source.max_samples, len(ds))))
+        ds = ds.take(source.max_samples) if source.streaming else ds.select(range(min(source.max_samples,
+                                                                                      len(ds))))
     return ds

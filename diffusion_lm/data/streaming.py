@@ -19,13 +19,13 @@ from typing import Optional
 
 import torch
 
+from .examples import PACKED_COLUMN, PackRecord, example_features
+
 __all__ = ["StreamingExamples", "tokenised_stream", "rank_stream"]
 
 
 def tokenised_stream(raw, builder, num_val: int):
     """The training examples of one streaming source (records after its first ``num_val``)."""
-    from .examples import PACKED_COLUMN, PackRecord, example_features
-
     stream = raw.skip(num_val) if num_val else raw
     # The raw columns of a stream may be unknown until read; packing each record into one column
     # lets the batched map (which changes the row count) drop exactly that column.
@@ -84,5 +84,6 @@ class StreamingExamples(torch.utils.data.IterableDataset):
 
     def __len__(self) -> int:
         if self.length is None:
-            raise TypeError("an endless stream has no length (set data.total_samples for epochs of known size)")
+            raise TypeError("an endless stream has no length (set data.total_samples for epochs of known "
+                            "size)")
         return self.length

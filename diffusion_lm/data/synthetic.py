@@ -26,6 +26,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..chat import DEFAULT_ROLE_HEADERS
+
 __all__ = [
     "KINDS",
     "SyntheticTask",
@@ -38,8 +40,8 @@ __all__ = [
 _EN_SMALL = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
              "sixteen seventeen eighteen nineteen").split()
 _EN_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
-_RU_SMALL = ("ноль один два три четыре пять шесть семь восемь девять десять одиннадцать двенадцать тринадцать "
-             "четырнадцать пятнадцать шестнадцать семнадцать восемнадцать девятнадцать").split()
+_RU_SMALL = ("ноль один два три четыре пять шесть семь восемь девять десять одиннадцать двенадцать "
+             "тринадцать четырнадцать пятнадцать шестнадцать семнадцать восемнадцать девятнадцать").split()
 _RU_TENS = "_ _ двадцать тридцать сорок пятьдесят шестьдесят семьдесят восемьдесят девяносто".split()
 _RU_HUNDREDS = "_ сто двести триста четыреста пятьсот шестьсот семьсот восемьсот девятьсот".split()
 
@@ -139,14 +141,15 @@ def write_synthetic_task(folder: str | Path, **kwargs) -> dict[str, Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     task = synthetic_dialogs(**kwargs)
-    paths = {"train_en": folder / "train_en.jsonl", "train_ru": folder / "train_ru.jsonl", "test": folder / "test.jsonl",
-             "tokenizer": synthetic_tokenizer(folder / "tokenizer")}
+    paths = {"train_en": folder / "train_en.jsonl", "train_ru": folder / "train_ru.jsonl",
+             "test": folder / "test.jsonl", "tokenizer": synthetic_tokenizer(folder / "tokenizer")}
     rows = {"train_en": [d for d in task.train if d["language"] == "en"],
             "train_ru": [d for d in task.train if d["language"] == "ru"], "test": task.test}
     for name, path in paths.items():
         if name not in rows:
             continue
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows[name]), encoding="utf-8")
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows[name]),
+                        encoding="utf-8")
     return paths
 
 
@@ -158,8 +161,6 @@ def synthetic_tokenizer(folder: str | Path, max_number: int = 1000) -> Path:
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
-
-    from .template import DEFAULT_ROLE_HEADERS
 
     words: set[str] = set()
     pre = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(),
@@ -177,9 +178,10 @@ def synthetic_tokenizer(folder: str | Path, max_number: int = 1000) -> Path:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre
     tok.decoder = decoders.WordPiece(prefix="##")  # joins tokens with spaces
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                                   sep_token="[SEP]", mask_token="[MASK]")
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                       special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
     folder = Path(folder)
     fast.save_pretrained(folder)
     return folder

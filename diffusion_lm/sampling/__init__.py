@@ -8,7 +8,9 @@ logits processors). See ``docs/sampling.md``.
 
 from .config import PRESETS, SamplerConfig
 from .context import StepContext
-from .generate import Denoiser, GenerationResult, GenerationStats, RowStats, StepHook, generate, infill, row_seed
+from ..denoiser import Denoiser
+from ..seeding import row_seed
+from .loop import GenerationResult, GenerationStats, RowStats, StepHook, generate, infill
 from .metrics import longest_run, repeated_ngram_rate, repetition_summary
 from .policies import (
     PROPOSERS,
@@ -38,7 +40,14 @@ from .policies import (
     schedule_counts,
     truncated_log_probs,
 )
-from .processors import PROCESSORS, EosPolicy, LogitsProcessor, RepetitionGuard, SuppressTokens, resolve_processor
+from .processors import (
+    PROCESSORS,
+    EosPolicy,
+    LogitsProcessor,
+    RepetitionGuard,
+    SuppressTokens,
+    resolve_processor,
+)
 from .spans import DEFAULT_MASK_SLOTS, parse_spans, spans_to_ids
 from .trajectory import Trajectory, TrajectoryStep, render_trajectory_html, render_trajectory_text
 
@@ -51,7 +60,8 @@ __all__ = [
     "Selector", "ScheduleSelector", "ThresholdSelector", "schedule_counts",
     "Remasker", "NoRemasker", "RemdmRemasker",
     "LogitsProcessor", "EosPolicy", "RepetitionGuard", "SuppressTokens",
-    "PROPOSERS", "SCORERS", "WINDOWS", "SELECTORS", "REMASKERS", "PROCESSORS", "resolve_policy", "resolve_processor",
+    "PROPOSERS", "SCORERS", "WINDOWS", "SELECTORS", "REMASKERS", "PROCESSORS", "resolve_policy",
+           "resolve_processor",
     "parse_spans", "spans_to_ids", "DEFAULT_MASK_SLOTS",
     "Trajectory", "TrajectoryStep", "render_trajectory_html", "render_trajectory_text",
     "repeated_ngram_rate", "longest_run", "repetition_summary",

@@ -1,12 +1,22 @@
-"""SamplerConfig: one typed object that ties the sampler policies together, plus named presets."""
+"""SamplerConfig: one typed object that ties the sampler policies together, plus named presets.
+
+:meth:`SamplerConfig.resolve` is the one construction path from what a user gives -- a preset, a
+``--sampler`` YAML file or inline mapping, single flags (``--steps``, ``--temperature``, ...) and an
+export's stored presets -- to a config; the commands, the server, the validation callback and the
+sampler itself (:meth:`SamplerConfig.coerce`) go through it. :func:`check_options` is the one place
+that validates the generation flags.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Union
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
 
 from ..errors import ConfigError
+from ..files import read_utf8
 from .policies import (
     PROPOSERS,
     REMASKERS,
@@ -27,12 +37,42 @@ from .policies import (
 )
 from .processors import EosPolicy, LogitsProcessor, RepetitionGuard, SuppressTokens, resolve_processor
 
-__all__ = ["SamplerConfig", "PRESETS"]
+__all__ = ["OPTION_RULES", "PRESETS", "SamplerConfig", "SamplerSpec", "check_options", "load_sampler_spec"]
+
+# A sampler as a command gives it (``--sampler``, the type jsonargparse reads): a preset name, a YAML/JSON
+# file or inline YAML mapping, or a mapping of SamplerConfig fields (optionally with a "preset" key).
+SamplerSpec = Union[str, dict, None]
+
+# Generation options given as flags (command line, server requests): name -> (valid?, what is expected).
+OPTION_RULES = {
+    "steps": (lambda v: v >= 1, "must be >= 1 (forward passes for the whole canvas)"),
+    "canvas_length": (lambda v: v >= 1, "must be >= 1 (answer slots per prompt)"),
+    "block_size": (lambda v: v >= 1, "must be >= 1"),
+    "batch_size": (lambda v: v >= 1, "must be >= 1"),
+    "top_k": (lambda v: v >= 1, "must be >= 1"),
+    "temperature": (lambda v: v >= 0, "must be >= 0 (0 = greedy)"),
+    "top_p": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "threshold": (lambda v: v > 0, "must be > 0 (e.g. 0.9; above 1 commits one token per forward)"),
+    "default_slots": (lambda v: v >= 1, "must be >= 1"),
+}
+
+
+def check_options(**values: Any) -> None:
+    """A one-line :class:`ConfigError` (``--name must be ..., got value``) for the first option of
+    :data:`OPTION_RULES` out of range; None means "not given"."""
+    for name, value in values.items():
+        if value is None:
+            continue
+        ok, what = OPTION_RULES[name]
+        if not ok(value):
+            raise ConfigError(f"--{name} {what}, got {value}")
+
 
 
 def _quality_proposer() -> dict[str, Any]:
     # A class_path dict rather than an instance: jsonargparse only accepts such defaults for subclass types.
-    return {"class_path": f"{SampleProposer.__module__}.SampleProposer", "init_args": {"temperature": 0.7, "top_p": 0.9}}
+    return {"class_path": f"{SampleProposer.__module__}.SampleProposer",
+            "init_args": {"temperature": 0.7, "top_p": 0.9}}
 
 
 def _default_processors() -> list[Union[str, LogitsProcessor]]:
@@ -82,7 +122,8 @@ class SamplerConfig:
     def logits_processors(self, *, eos_policy: bool = True) -> list[LogitsProcessor]:
         """The processors to run, suppression first; ``eos_policy=False`` drops :class:`EosPolicy`."""
         out: list[LogitsProcessor] = [SuppressTokens(self.suppress_tokens)] if self.suppress_tokens else []
-        out += [p for p in self.processors if eos_policy or not isinstance(p, EosPolicy)]  # type: ignore[misc]
+        # type: ignore[misc]
+        out += [p for p in self.processors if eos_policy or not isinstance(p, EosPolicy)]
         return out
 
     def replace(self, **changes: Any) -> "SamplerConfig":
@@ -90,7 +131,8 @@ class SamplerConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able description (stored in ``diffusion_config.json`` by export); :meth:`from_dict` reverses it."""
+        """JSON-able description (stored in ``diffusion_config.json`` by export); :meth:`from_dict` reverses
+        it."""
         return {
             "proposer": self.proposer.to_dict(),  # type: ignore[union-attr]
             "scorer": self.scorer.to_dict(),  # type: ignore[union-attr]
@@ -109,7 +151,8 @@ class SamplerConfig:
         preset = data.pop("preset", None)
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise ConfigError(f"unknown sampler field(s) {sorted(unknown)}; valid: {[f.name for f in dataclasses.fields(cls)]}")
+            raise ConfigError(f"unknown sampler field(s) {sorted(unknown)}; valid: "
+                              f"{[f.name for f in dataclasses.fields(cls)]}")
         return cls.preset(preset, **data) if preset else cls(**data)
 
     @classmethod
@@ -129,17 +172,41 @@ class SamplerConfig:
         return factory().replace(**overrides) if overrides else factory()
 
     @classmethod
-    def coerce(cls, sampler: Union[None, str, Mapping[str, Any], "SamplerConfig"]) -> "SamplerConfig":
-        """Accept None (the default config), a preset name, a mapping (:meth:`from_dict`) or a config."""
-        if sampler is None:
-            return cls()
-        if isinstance(sampler, SamplerConfig):
-            return sampler
-        if isinstance(sampler, str):
-            return cls.preset(sampler)
-        if isinstance(sampler, Mapping):
-            return cls.from_dict(sampler)
-        raise ConfigError(f"sampler must be a SamplerConfig, a preset name ({', '.join(PRESETS)}) or a mapping, got {type(sampler).__name__}")
+    def coerce(cls, sampler: Union[SamplerSpec, Mapping[str, Any], "SamplerConfig"]) -> "SamplerConfig":
+        """Accept None (the default config), a preset name, a mapping (:meth:`from_dict`) or a config
+        (``resolve(sampler=sampler)``)."""
+        return cls.resolve(sampler=sampler)
+
+    @classmethod
+    def resolve(
+        cls,
+        preset: Optional[str] = None,
+        sampler: Union[SamplerSpec, Mapping[str, Any], "SamplerConfig"] = None,
+        *,
+        steps: Optional[int] = None,
+        temperature: Optional[float] = None,
+        top_p: Optional[float] = None,
+        top_k: Optional[int] = None,
+        block_size: Optional[int] = None,
+        threshold: Optional[float] = None,
+        stored: Optional[Mapping[str, Any]] = None,
+    ) -> "SamplerConfig":
+        """The sampler a user asked for: ``preset`` (default ``quality``, or the stored default), then
+        the ``sampler`` file/mapping on top of it, then the individual flags on top of both.
+
+        * ``steps``: the schedule selector with that many forward passes for the canvas;
+        * ``threshold``: the threshold selector (Fast-dLLM) at that confidence;
+        * ``temperature`` / ``top_p`` / ``top_k``: the sampling proposer (``temperature=0``: greedy);
+        * ``block_size``: semi-autoregressive blocks of that size;
+        * ``stored``: an export's sampler defaults (``{"default_preset": ..., "presets": {name:
+          to_dict()}}``); a preset name then means the stored copy.
+        """
+        check_options(steps=steps, temperature=temperature, top_p=top_p, top_k=top_k, block_size=block_size,
+                      threshold=threshold)
+        config = _base_config(preset, load_sampler_spec(sampler), stored or {})
+        changes = _flag_changes(config, steps=steps, temperature=temperature, top_p=top_p, top_k=top_k,
+                                block_size=block_size, threshold=threshold)
+        return config.replace(**changes) if changes else config
 
 
 PRESETS: dict[str, Any] = {
@@ -157,3 +224,114 @@ PRESETS: dict[str, Any] = {
         processors=[EosPolicy(), RepetitionGuard()],
     ),
 }
+
+
+# ------------------------------------------------------------------------------------- resolving
+def load_sampler_spec(spec: Union[SamplerSpec, Mapping[str, Any],
+                                  SamplerConfig]) -> Union[None, str, dict, SamplerConfig]:
+    """``--sampler``: a YAML/JSON file, an inline YAML mapping (``{preset: fast, window: full}``), a
+    preset name, a mapping, or a :class:`SamplerConfig`; returned as a name, mapping or config."""
+    if spec is None or isinstance(spec, (SamplerConfig, dict)):
+        return spec
+    if isinstance(spec, Mapping):
+        return dict(spec)
+    if not isinstance(spec, str):
+        raise ConfigError(f"--sampler must be a YAML file, an inline mapping or a preset name, "
+                          f"got {type(spec).__name__}")
+    text = spec.strip()
+    if not text:
+        raise ConfigError("--sampler is empty; give a YAML file (configs/sampler/fast.yaml) or a preset name")
+    path = Path(text).expanduser()
+    if path.is_file():
+        data, where = _yaml(read_utf8(path, f"--sampler {text}"), f"--sampler {text}: not valid YAML"), text
+    elif text.endswith((".yaml", ".yml", ".json")) or os.sep in text:
+        raise ConfigError(f"--sampler {text!r}: no such file")
+    else:
+        data, where = _yaml(text, f"--sampler {text!r}: neither a file nor valid inline YAML"), "--sampler"
+    if data is None:
+        raise ConfigError(f"{where}: empty sampler config")
+    if not isinstance(data, (str, dict)):
+        raise ConfigError(f"{where}: a sampler config must be a mapping of SamplerConfig fields (or a preset "
+                          f"name), got {type(data).__name__}")
+    return data
+
+
+def _yaml(text: str, problem: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{problem} ({str(err).splitlines()[0]})") from None
+
+
+def _stored_preset(name: str, stored: Mapping[str, Any]) -> SamplerConfig:
+    """A preset by name: the stored copy (an export's) when there is one, else the built-in."""
+    key = str(name).strip().lower()
+    presets = stored.get("presets") or {}
+    if key in presets and key in PRESETS:
+        return SamplerConfig.from_dict(presets[key])
+    return SamplerConfig.preset(key)
+
+
+def _base_config(preset: Optional[str], spec: Union[None, str, dict, SamplerConfig],
+                 stored: Mapping[str, Any]) -> SamplerConfig:
+    """The preset with the ``--sampler`` file or mapping on top (before the single flags)."""
+    if isinstance(spec, SamplerConfig):
+        if preset is not None:
+            raise ConfigError("give either --preset or a SamplerConfig, not both")
+        return spec
+    spec = {"preset": spec} if isinstance(spec, str) else dict(spec or {})  # a bare preset name
+    inner = spec.pop("preset", None)
+    if preset is not None and inner is not None and str(preset).strip().lower() != str(inner).strip().lower():
+        raise ConfigError(f"--preset {preset} and the --sampler config's preset {inner!r} disagree; give one")
+    name = preset or inner
+    if name is None:
+        default = stored.get("default_preset")
+        name = default if default in PRESETS else "quality"
+    config = _stored_preset(name, stored)
+    if not spec:
+        return config
+    unknown = set(spec) - set(config.to_dict())
+    if unknown:
+        raise ConfigError(f"unknown sampler field(s) {sorted(unknown)}; valid: {sorted(config.to_dict())}")
+    return config.replace(**spec)
+
+
+def _proposer_for(current: Proposer, temperature: Optional[float], top_p: Optional[float],
+                  top_k: Optional[int]) -> Proposer:
+    """The proposer after ``--temperature`` / ``--top_p`` / ``--top_k`` (temperature 0 and no cut: greedy)."""
+    if isinstance(current, SampleProposer):
+        base = {"temperature": current.temperature, "top_k": current.top_k, "top_p": current.top_p,
+                "max_candidates": current.max_candidates}
+    elif temperature is None:
+        raise ConfigError("--top_p/--top_k only apply when sampling, and this sampler's proposer is greedy; "
+                          "add --temperature T (e.g. 0.7)")
+    else:
+        base = {"temperature": 1.0, "top_k": None, "top_p": 1.0, "max_candidates": 1024}
+    given = {"temperature": temperature, "top_p": top_p, "top_k": top_k}
+    base.update({k: v for k, v in given.items() if v is not None})
+    if base["temperature"] == 0 and base["top_k"] is None and base["top_p"] == 1.0:
+        return GreedyProposer()
+    return SampleProposer(**base)
+
+
+def _flag_changes(config: SamplerConfig, *, steps: Optional[int], temperature: Optional[float],
+                  top_p: Optional[float], top_k: Optional[int], block_size: Optional[int],
+                  threshold: Optional[float]) -> dict[str, Any]:
+    """The fields the single flags replace."""
+    changes: dict[str, Any] = {}
+    if steps is not None and threshold is not None:
+        raise ConfigError("--steps (fixed number of forwards) and --threshold (confidence threshold) choose "
+                          "different selectors; give one of them")
+    if steps is not None:
+        changes["selector"] = ScheduleSelector(steps=steps,
+                                               schedule=getattr(config.selector, "schedule", None))
+    if threshold is not None:
+        changes["selector"] = ThresholdSelector(threshold)
+    if block_size is not None:
+        changes["window"] = BlockWindow(block_size)
+    if temperature is not None or top_p is not None or top_k is not None:
+        # type: ignore[arg-type]
+        changes["proposer"] = _proposer_for(config.proposer, temperature, top_p, top_k)
+    return changes

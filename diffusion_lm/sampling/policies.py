@@ -15,6 +15,7 @@ policy by string (``"greedy"``) or pass an instance (``SampleProposer(temperatur
 
 from __future__ import annotations
 
+import importlib
 import math
 from typing import Any, ClassVar, Mapping, Optional, Union
 
@@ -119,7 +120,8 @@ def truncated_log_probs(
         vocabulary ids of the slice, sorted by decreasing logit.
     """
     if temperature <= 0:
-        raise ConfigError(f"temperature must be > 0 for sampling (use the greedy proposer for 0), got {temperature}")
+        raise ConfigError("temperature must be > 0 for sampling (use the greedy proposer for 0), got "
+                          f"{temperature}")
     k = min(logits.shape[-1], top_k if top_k is not None else max_candidates)
     values, token_ids = logits.topk(k, dim=-1)  # float32, sorted descending
     log_probs = (values.to(torch.float64) / temperature).log_softmax(dim=-1)
@@ -254,7 +256,8 @@ class RandomScorer(Scorer):
     name = "random"
 
     def score(self, logits: torch.Tensor, proposals: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        parts = [torch.rand(n, generator=g, device=logits.device) for n, g in zip(ctx.rows_counts, ctx.generators)]
+        parts = [torch.rand(n, generator=g, device=logits.device)
+                 for n, g in zip(ctx.rows_counts, ctx.generators)]
         return torch.cat(parts)
 
 
@@ -335,7 +338,8 @@ class Selector(Policy):
         editable slots in the whole row); returns a per-step plan (or None)."""
         return None
 
-    def quota(self, scores_desc: list[float], plan: Optional[list[int]], step: int, carry: int) -> tuple[int, bool]:
+    def quota(self, scores_desc: list[float], plan: Optional[list[int]], step: int,
+              carry: int) -> tuple[int, bool]:
         """``(k, exact)`` for one row: commit the ``k`` best slots. ``scores_desc`` are the row's
         candidate scores sorted high to low; ``step`` counts steps in the current window; ``carry``
         is the number of slots the remasker re-opened since the previous step. ``exact=True`` means
@@ -358,7 +362,8 @@ class ScheduleSelector(Selector):
 
     def __init__(self, steps: Optional[int] = None, schedule: Optional[NoiseSchedule] = None) -> None:
         if steps is not None and steps <= 0:
-            raise ConfigError(f"schedule selector: steps must be >= 1 (or None for one step per slot), got {steps}")
+            raise ConfigError("schedule selector: steps must be >= 1 (or None for one step per slot), got "
+                              f"{steps}")
         self.steps = steps
         self.schedule = schedule
 
@@ -370,7 +375,8 @@ class ScheduleSelector(Selector):
         steps = max(1, min(steps, window_slots))
         return schedule_counts(window_slots, steps, self.schedule)
 
-    def quota(self, scores_desc: list[float], plan: Optional[list[int]], step: int, carry: int) -> tuple[int, bool]:
+    def quota(self, scores_desc: list[float], plan: Optional[list[int]], step: int,
+              carry: int) -> tuple[int, bool]:
         n = len(scores_desc)
         if plan is None or step >= len(plan):
             return n, True  # past the plan (only after remasking): finish the window
@@ -387,7 +393,8 @@ class ThresholdSelector(Selector):
     def __init__(self, threshold: float = 0.9) -> None:
         self.threshold = float(threshold)
 
-    def quota(self, scores_desc: list[float], plan: Optional[list[int]], step: int, carry: int) -> tuple[int, bool]:
+    def quota(self, scores_desc: list[float], plan: Optional[list[int]], step: int,
+              carry: int) -> tuple[int, bool]:
         return max(1, sum(1 for s in scores_desc if s >= self.threshold)), False
 
 
@@ -399,7 +406,8 @@ class Remasker(Policy):
         """Per-row mutable state (e.g. the remaining budget)."""
         return {}
 
-    def choose(self, candidates: list[tuple[int, float]], state: dict[str, int], generator: torch.Generator) -> list[int]:
+    def choose(self, candidates: list[tuple[int, float]], state: dict[str, int],
+               generator: torch.Generator) -> list[int]:
         """Positions to re-mask among ``candidates`` = ``(position, confidence at commit)`` of the row's
         committed tokens in the current window (never prompt tokens, never this step's commits)."""
         return []
@@ -443,7 +451,8 @@ class RemdmRemasker(Remasker):
         budget = self.budget if self.budget is not None else max(1, total_slots // 8)
         return {"left": int(budget)}
 
-    def choose(self, candidates: list[tuple[int, float]], state: dict[str, int], generator: torch.Generator) -> list[int]:
+    def choose(self, candidates: list[tuple[int, float]], state: dict[str, int],
+               generator: torch.Generator) -> list[int]:
         eligible = sorted((c, p) for p, c in candidates if c < self.max_confidence)
         if not eligible or state["left"] <= 0:
             return []
@@ -468,8 +477,10 @@ SELECTORS: dict[str, type[Selector]] = {"schedule": ScheduleSelector, "threshold
 REMASKERS: dict[str, type[Remasker]] = {"none": NoRemasker, "remdm": RemdmRemasker}
 
 
-def resolve_policy(kind: str, spec: Union[str, Mapping[str, Any], Policy], registry: Mapping[str, type], base: type) -> Any:
-    """Build a policy from a registry name, a ``{"name": ..., **kwargs}`` mapping, or pass an instance through.
+def resolve_policy(kind: str, spec: Union[str, Mapping[str, Any], Policy], registry: Mapping[str, type],
+                   base: type) -> Any:
+    """Build a policy from a registry name, a ``{"name": ..., **kwargs}`` mapping, or pass an instance
+    through.
 
     Raises:
         ConfigError: unknown name (the message lists the valid ones) or a wrong type.
@@ -489,33 +500,28 @@ def resolve_policy(kind: str, spec: Union[str, Mapping[str, Any], Policy], regis
         kwargs = dict(spec)
         name = kwargs.pop("name", None)
         if name is None:
-            raise ConfigError(f"{kind} given as a mapping needs a 'name' key (one of: {', '.join(registry)}), got {dict(spec)}")
+            raise ConfigError(f"{kind} given as a mapping needs a 'name' key (one of: "
+                              f"{', '.join(registry)}), got {dict(spec)}")
         spec = name
     if isinstance(spec, str):
         cls = registry.get(spec.strip().lower())
         if cls is None:
             raise ConfigError(f"unknown {kind} {spec!r}; valid names: {', '.join(registry)}")
         if kind == "selector" and isinstance(kwargs.get("schedule"), Mapping):
-            kwargs["schedule"] = _schedule_from_config(kwargs["schedule"])
+            kwargs["schedule"] = NoiseSchedule.from_config(kwargs["schedule"])
         try:
             return cls(**kwargs)
         except TypeError as err:
             raise ConfigError(f"bad arguments for {kind} {spec!r}: {err}") from None
-    raise ConfigError(f"{kind} must be a name ({', '.join(registry)}) or a {base.__name__} instance, got {type(spec).__name__}")
+    raise ConfigError(f"{kind} must be a name ({', '.join(registry)}) or a {base.__name__} instance, got "
+                      f"{type(spec).__name__}")
 
 
 def _import_class(class_path: str, kind: str) -> Any:
     """``package.module.Class`` -> the class (a bare class name is looked up in this module)."""
-    import importlib
-
     module_name, _, cls_name = class_path.rpartition(".")
     try:
         return getattr(importlib.import_module(module_name or __name__), cls_name)
     except (ImportError, AttributeError, ValueError):
         raise ConfigError(f"{kind} class_path {class_path!r} cannot be imported") from None
 
-
-def _schedule_from_config(config: Mapping[str, Any]) -> NoiseSchedule:
-    """Rebuild a NoiseSchedule from its ``to_config()`` dict (``class_path`` + ``init_args``)."""
-    cls = _import_class(str(config["class_path"]), "schedule")
-    return cls(**dict(config.get("init_args") or {}))

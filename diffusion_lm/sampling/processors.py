@@ -7,12 +7,13 @@ the sampler falls back to that slot's unprocessed logits rather than failing.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
 from ..errors import ConfigError
 from .context import StepContext
+from .policies import Policy
 
 __all__ = [
     "LogitsProcessor",
@@ -40,14 +41,13 @@ class StepChecker:
         pass
 
 
-class LogitsProcessor:
+class LogitsProcessor(Policy):
     """Base class: ``__call__(logits [N, V], ctx) -> logits`` (may modify ``logits`` in place).
 
     A processor whose rule also constrains tokens committed together in one step returns a
-    :class:`StepChecker` from :meth:`step_checker`.
+    :class:`StepChecker` from :meth:`step_checker`. Its ``name``, ``to_dict``, ``repr`` and equality
+    are :class:`~diffusion_lm.sampling.policies.Policy`'s.
     """
-
-    name: ClassVar[str] = ""
 
     def __call__(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         raise NotImplementedError
@@ -57,18 +57,6 @@ class LogitsProcessor:
         holding answer text (known, in the repetition region, not EOS/pad)."""
         return None
 
-    def to_dict(self) -> dict[str, Any]:
-        """``{"name": ..., <constructor arguments>}``."""
-        return {"name": self.name, **{k: v for k, v in vars(self).items() if not k.startswith("_")}}
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
-        return f"{type(self).__name__}({args})"
-
-    def __eq__(self, other: object) -> bool:
-        return type(self) is type(other) and self.to_dict() == other.to_dict()  # type: ignore[attr-defined]
-
-    __hash__ = None  # type: ignore[assignment]
 
 
 class SuppressTokens(LogitsProcessor):
@@ -83,7 +71,8 @@ class SuppressTokens(LogitsProcessor):
         if self.token_ids:
             if max(self.token_ids) >= logits.shape[-1] or min(self.token_ids) < 0:
                 raise ConfigError(
-                    f"suppress_tokens {self.token_ids} contains ids outside the vocabulary (size {logits.shape[-1]})"
+                    f"suppress_tokens {self.token_ids} contains ids outside the vocabulary (size "
+                    f"{logits.shape[-1]})"
                 )
             logits[:, torch.tensor(self.token_ids, device=logits.device)] = float("-inf")
         return logits
@@ -215,7 +204,8 @@ class RepetitionGuard(LogitsProcessor):
 
     def _block_ngrams(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         n = self.ngram_size
-        usable = (ctx.known_cpu & ctx.region_cpu & (ctx.ids_cpu != ctx.eos_id) & (ctx.ids_cpu != ctx.pad_id)).tolist()
+        ids_cpu = ctx.ids_cpu
+        usable = (ctx.known_cpu & ctx.region_cpu & (ids_cpu != ctx.eos_id) & (ids_cpu != ctx.pad_id)).tolist()
         ids = ctx.ids_cpu.tolist()
         indexes: dict[int, dict[tuple, set[int]]] = {}
         banned_rows: list[int] = []
@@ -246,7 +236,8 @@ class _RepetitionChecker(StepChecker):
     """Same-step rules of :class:`RepetitionGuard`: no identical left/right neighbours committed
     together, and no n-gram completed twice by tokens committed together."""
 
-    def __init__(self, guard: RepetitionGuard, ids: list[int], usable: list[bool], eos_id: int, pad_id: int) -> None:
+    def __init__(self, guard: RepetitionGuard, ids: list[int], usable: list[bool], eos_id: int,
+                 pad_id: int) -> None:
         self.adjacent = guard.no_adjacent_duplicates
         self.n = guard.ngram_size
         self.ids, self.usable = list(ids), list(usable)
@@ -259,7 +250,8 @@ class _RepetitionChecker(StepChecker):
             return False
         if self.n >= 2 and token not in self.specials:
             grams = list(_grams_through(self.ids, self.usable, pos, self.n))
-            return not (any(token in self.index.get(key, ()) for key in grams) or _repeats_itself(grams, token))
+            return not (any(token in self.index.get(key,
+                                                    ()) for key in grams) or _repeats_itself(grams, token))
         return True
 
     def accept(self, pos: int, token: int) -> None:
@@ -273,7 +265,8 @@ class _RepetitionChecker(StepChecker):
 
 
 def _grams_through(ids: list[int], usable: list[bool], pos: int, n: int) -> Iterator[tuple[int, tuple]]:
-    """``(offset j, the other n-1 tokens)`` of every n-gram through ``pos`` whose other tokens are all known."""
+    """``(offset j, the other n-1 tokens)`` of every n-gram through ``pos`` whose other tokens are all
+    known."""
     w = len(ids)
     for j in range(n):
         start = pos - j
@@ -330,5 +323,6 @@ def resolve_processor(spec: Any) -> LogitsProcessor:
         except TypeError as err:
             raise ConfigError(f"bad arguments for logits processor {spec!r}: {err}") from None
     raise ConfigError(
-        f"logits processor must be a name ({', '.join(PROCESSORS)}) or a LogitsProcessor instance, got {type(spec).__name__}"
+        f"logits processor must be a name ({', '.join(PROCESSORS)}) or a LogitsProcessor instance, got "
+        f"{type(spec).__name__}"
     )

@@ -3,7 +3,8 @@
     "The capital of France is [[MASK:3]]. It lies on the [[MASK]]."
 
 * ``[[MASK]]`` -- a hole of ``default_slots`` [MASK] tokens (8 unless told otherwise);
-* ``[[MASK:n]]`` -- a hole of exactly ``n`` tokens, ``n`` a positive integer (spaces allowed: ``[[ MASK : 4 ]]``);
+* ``[[MASK:n]]`` -- a hole of exactly ``n`` tokens, ``n`` a positive integer (spaces allowed: ``[[ MASK : 4
+  ]]``);
 * every other character is literal text. ``[[`` always opens a span, so text cannot contain a
   literal ``[[`` (a lone ``]]`` is fine).
 
@@ -57,7 +58,8 @@ def parse_spans(text: str, default_slots: int = DEFAULT_MASK_SLOTS) -> list[Span
                              f"{start + 2 + body.index('[[')} before ']]'")
         match = _BODY.match(body)
         if match is None:
-            raise ValueError(f"unknown span '[[{body}]]' at position {start}; only [[MASK]] and [[MASK:n]] are supported")
+            raise ValueError(f"unknown span '[[{body}]]' at position {start}; only [[MASK]] and [[MASK:n]] "
+                             "are supported")
         count = match.group("n")
         if count is None:
             n = default_slots

@@ -135,7 +135,8 @@ def render_trajectory_text(
 
 
 _CSS = """
-body { font-family: ui-monospace, SFMono-Regular, Menlo, monospace; background: #fafafa; color: #222; margin: 1.5em; }
+body { font-family: ui-monospace, SFMono-Regular, Menlo, monospace; background: #fafafa; color: #222;
+       margin: 1.5em; }
 h2 { font-size: 1.05em; margin: 1.2em 0 0.4em; }
 .step { white-space: pre-wrap; line-height: 1.6; border-bottom: 1px solid #eee; padding: 1px 0; }
 .label { color: #999; display: inline-block; width: 3.5em; }
@@ -171,7 +172,8 @@ def render_trajectory_html(
         title = titles[i] if titles is not None and i < len(titles) else f"row {i}"
         body.append(f"<h2>{html.escape(title)} ({len(traj.steps)} steps)</h2>")
         for label, tokens in _frames(traj, decode, hide_ids):
-            spans = html.escape(sep).join(f'<span class="{kind}">{html.escape(text)}</span>' for text, kind in tokens)
+            spans = html.escape(sep).join(f'<span class="{kind}">{html.escape(text)}</span>'
+                                          for text, kind in tokens)
             body.append(f'<div class="step"><span class="label">{html.escape(label)}</span>{spans}</div>')
     page = (
         '<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>diffusion_lm trajectory</title>'

@@ -36,7 +36,8 @@ log = logging.getLogger("diffusion_lm.serve")
 
 STATIC = Path(__file__).with_name("static")
 MAX_BODY_BYTES = 4 << 20  # a prompt the model accepts is a few KB; refuse megabytes before parsing them
-HEARTBEAT_SECONDS = 1.0  # an SSE comment while a request waits: proxies keep the stream open, gone clients show up
+# an SSE comment while a request waits: proxies keep the stream open, gone clients show up
+HEARTBEAT_SECONDS = 1.0
 DISCONNECT_POLL_SECONDS = 0.25  # how often a non-streamed request checks that its client is still there
 
 
@@ -65,8 +66,9 @@ class _BodyLimit:
         if scope["type"] == "http":
             size = dict(scope.get("headers") or []).get(b"content-length", b"")
             if size.isdigit() and int(size) > self.limit:
-                error = APIError(413, f"the request body is {int(size)} bytes, more than the {self.limit} this server "
-                                 "accepts", code="request_too_large")
+                error = APIError(413,
+                                 f"the request body is {int(size)} bytes, more than the {self.limit} this "
+                                 "server accepts", code="request_too_large")
                 await error.response()(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -98,7 +100,8 @@ def create_app(
         api_key: when set, ``/v1/*`` and ``/stats`` need ``Authorization: Bearer <api_key>``.
     """
     engine = Engine(model, sampler=sampler, canvas_length=canvas_length)
-    scheduler = BatchScheduler(engine.run_batch, max_batch_size=max_batch_size, max_wait=max_wait, max_queue=max_queue)
+    scheduler = BatchScheduler(engine.run_batch, max_batch_size=max_batch_size, max_wait=max_wait,
+                               max_queue=max_queue)
     created = int(time.time())
 
     @asynccontextmanager
@@ -111,8 +114,8 @@ def create_app(
         finally:
             scheduler.stop()
 
-    app = FastAPI(title="diffusion-lm", summary="OpenAI-compatible masked-diffusion LM server", lifespan=lifespan,
-                  docs_url="/docs", redoc_url=None)
+    app = FastAPI(title="diffusion-lm", summary="OpenAI-compatible masked-diffusion LM server",
+                  lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.engine = engine
     app.state.scheduler = scheduler
     install_error_handlers(app)
@@ -137,8 +140,10 @@ def create_app(
         try:
             scheduler.submit(job)
         except QueueFull as full:
-            raise APIError(429, f"the server is busy ({max_queue} requests queued); retry after {full.retry_after} s",
-                           code="queue_full", headers={"Retry-After": str(full.retry_after)}) from None
+            raise APIError(429,
+                           f"the server is busy ({max_queue} requests queued); retry after "
+                           f"{full.retry_after} s", code="queue_full",
+                           headers={"Retry-After": str(full.retry_after)}) from None
         return job
 
     async def next_event(job: Job, timeout: float = HEARTBEAT_SECONDS) -> Optional[tuple]:
@@ -202,7 +207,8 @@ def create_app(
     def model_card() -> dict[str, Any]:
         return {"id": model_name, "object": "model", "created": created, "owned_by": "diffusion-lm",
                 "max_model_len": engine.max_length,
-                "diffusion": {"default_max_tokens": engine.canvas_length, "sampler": engine.default_sampler.to_dict()}}
+                "diffusion": {"default_max_tokens": engine.canvas_length,
+                              "sampler": engine.default_sampler.to_dict()}}
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def models() -> dict:
@@ -242,7 +248,8 @@ def create_app(
 
         finished = False
         try:
-            yield chunk({"role": "assistant", "content": ""}, {"step": 0, **engine.initial_state(task), "done": False})
+            yield chunk({"role": "assistant", "content": ""},
+                        {"step": 0, **engine.initial_state(task), "done": False})
             while True:
                 event = await next_event(job)
                 if event is None:
@@ -255,12 +262,13 @@ def create_app(
                 elif kind == "done":
                     finished = True
                     result: ChatResult = value
-                    state = {"step": result.stats["nfe"], "slots": result.slots, "state": result.answer, "masked": 0,
-                             "done": True, **diffusion_info(result)}
+                    state = {"step": result.stats["nfe"], "slots": result.slots, "state": result.answer,
+                             "masked": 0, "done": True, **diffusion_info(result)}
                     yield chunk({"content": result.answer}, state)
                     yield chunk({}, None, result.finish_reason)
                     if usage:
-                        yield _sse({**info, "object": "chat.completion.chunk", "choices": [], "usage": _usage(result)})
+                        yield _sse({**info, "object": "chat.completion.chunk", "choices": [],
+                                    "usage": _usage(result)})
                     break
                 else:
                     finished = True
@@ -291,7 +299,8 @@ def create_app(
     async def infill_events(job: Job, task: InfillTask, info: dict) -> AsyncIterator[str]:
         finished = False
         try:
-            yield _sse({**info, "object": "infill.chunk", "diffusion": {"step": 0, **engine.initial_state(task),
+            yield _sse({**info, "object": "infill.chunk",
+                        "diffusion": {"step": 0, **engine.initial_state(task),
                                                                          "done": False}})
             while True:
                 event = await next_event(job)
@@ -308,8 +317,9 @@ def create_app(
                     result: InfillResult = value
                     yield _sse({**info, "object": "infill.chunk", "text": result.text, "fills": result.fills,
                                 "usage": _usage(result),
-                                "diffusion": {"step": result.stats["nfe"], "holes": result.holes, "state": result.text,
-                                              "masked": 0, "done": True, **diffusion_info(result)}})
+                                "diffusion": {"step": result.stats["nfe"], "holes": result.holes,
+                                              "state": result.text, "masked": 0, "done": True,
+                                              **diffusion_info(result)}})
                     break
                 else:
                     finished = True

@@ -2,8 +2,8 @@
 a batch of tasks -> one call of the text-level sampler functions, and sampler rows -> stream states.
 
 Tasks are validated when the request arrives, so one bad request never fails the batch it would
-have joined. Generation itself is :func:`~diffusion_lm.sampling.commands.answer_prompts` and
-:func:`~diffusion_lm.sampling.commands.infill_texts`, with per-request seeds (a request's answer does
+have joined. Generation itself is :func:`~diffusion_lm.pipeline.answer_prompts` and
+:func:`~diffusion_lm.pipeline.infill_texts`, with per-request seeds (a request's answer does
 not depend on what it is batched with) and the sampler's ``on_step`` hook for streaming.
 """
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from ..errors import ConfigError
-from ..sampling.commands import (
+from ..pipeline import (
     InfillRow,
     PromptRecord,
     answer_prompts,
@@ -33,15 +33,16 @@ from .errors import APIError
 from .scheduler import BatchCancelled, Job
 from .schemas import ChatCompletionRequest, DiffusionOptions, InfillRequest
 
-__all__ = ["MASK_PLACEHOLDER", "ChatResult", "ChatTask", "Engine", "InfillResult", "InfillTask", "SAMPLER_FLAGS"]
+__all__ = ["MASK_PLACEHOLDER", "ChatResult", "ChatTask", "Engine", "InfillResult", "InfillTask",
+           "SAMPLER_FLAGS"]
 
 MASK_PLACEHOLDER = "\u2592"  # "▒": a still-masked answer slot in a stream state's text
 SAMPLER_FLAGS = ("steps", "threshold", "block_size", "temperature", "top_p", "top_k")
 
 # A sampler flag in a ConfigError -> the request field that sets it.
-_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "diffusion.top_k", "steps": "diffusion.steps",
-           "threshold": "diffusion.threshold", "block_size": "diffusion.block_size", "preset": "diffusion.preset",
-           "sampler": "diffusion.preset"}
+_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "diffusion.top_k",
+           "steps": "diffusion.steps", "threshold": "diffusion.threshold",
+           "block_size": "diffusion.block_size", "preset": "diffusion.preset", "sampler": "diffusion.preset"}
 
 
 @dataclass
@@ -58,7 +59,7 @@ class ChatTask:
 
 @dataclass
 class InfillTask:
-    """A validated infill request (see :class:`~diffusion_lm.sampling.commands.InfillRow`)."""
+    """A validated infill request (see :class:`~diffusion_lm.pipeline.InfillRow`)."""
 
     text: str
     prompt: Optional[str]
@@ -130,7 +131,8 @@ class Engine:
 
     def sampler_for(self, temperature: Optional[float], top_p: Optional[float],
                     options: Optional[DiffusionOptions]) -> SamplerConfig:
-        """The request's sampler: the server's default (or ``diffusion.preset``), then the request's settings."""
+        """The request's sampler: the server's default (or ``diffusion.preset``), then the request's
+        settings."""
         options = options or DiffusionOptions()
         args = dict(self.defaults) if options.preset is None else {"preset": options.preset}
         if options.steps is not None or options.threshold is not None:  # the request picks the selector
@@ -145,11 +147,13 @@ class Engine:
             raise _sampler_error(err) from None
 
     def _seed(self, seed: Optional[int]) -> int:
-        # A drawn seed stays below 2**53 so JavaScript clients read it back exactly and can reproduce the answer.
+        # A drawn seed stays below 2**53 so JavaScript clients read it back exactly and can reproduce
+        # the answer.
         return secrets.randbits(53) if seed is None else int(seed)
 
     def chat_task(self, req: ChatCompletionRequest) -> ChatTask:
-        """Validate a chat request (messages, lengths, sampler) into a task; a problem is an :class:`APIError`."""
+        """Validate a chat request (messages, lengths, sampler) into a task; a problem is an
+        :class:`APIError`."""
         if req.max_tokens is not None and req.max_completion_tokens is not None \
                 and req.max_tokens != req.max_completion_tokens:
             raise APIError(400, f"max_tokens ({req.max_tokens}) and max_completion_tokens "
@@ -157,9 +161,12 @@ class Engine:
         canvas = req.max_completion_tokens or req.max_tokens or self.canvas_length
         param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         if canvas >= self.max_length:
-            raise APIError(400, f"{param} {canvas} is out of range: the model takes {self.max_length} positions in "
-                           f"all, prompt included, so at most {self.max_length - 1}", param=param, code="invalid_value")
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+            raise APIError(400,
+                           f"{param} {canvas} is out of range: the model takes {self.max_length} positions "
+                           f"in all, prompt included, so at most {self.max_length - 1}", param=param,
+                           code="invalid_value")
+        messages = [{"role": "system" if m.role == "developer" else m.role,
+                     "content": m.text()} for m in req.messages]
         try:
             turns = turns_from_messages(messages, "messages")
         except ConfigError as err:
@@ -172,8 +179,9 @@ class Engine:
             fix = f"shorten the conversation to at most {self.max_length - canvas} tokens"
             if n < self.max_length:
                 fix += f" or lower {param} to at most {self.max_length - n}"
-            raise APIError(400, f"messages: the prompt is {n} tokens; with {param} {canvas} that is {n + canvas} > the "
-                           f"model's {self.max_length} positions: {fix}", param="messages",
+            raise APIError(400,
+                           f"messages: the prompt is {n} tokens; with {param} {canvas} that is {n + canvas} "
+                           f"> the model's {self.max_length} positions: {fix}", param="messages",
                            code="context_length_exceeded")
         sampler = self.sampler_for(req.temperature, req.top_p, req.diffusion)
         record = PromptRecord(0, turns, turns[-1].content)
@@ -183,7 +191,8 @@ class Engine:
     def infill_task(self, req: InfillRequest) -> InfillTask:
         """Validate an infill request (hole syntax, length, sampler) into a task."""
         try:
-            layout = infill_rows(self.model, [req.text], prompt=req.prompt, default_slots=req.default_slots)[0]
+            layout = infill_rows(self.model, [req.text], prompt=req.prompt,
+                                 default_slots=req.default_slots)[0]
         except ConfigError as err:
             message = str(err).replace("text 1", "text").replace("--prompt", "prompt")
             raise APIError(400, message, param="prompt" if message.startswith("prompt") else "text",
@@ -211,19 +220,21 @@ class Engine:
         seeds = [t.seed for t in tasks]
         if isinstance(first, ChatTask):
             rows, result = answer_prompts(self.model, [t.record for t in tasks], sampler=first.sampler,
-                                          canvas_length=first.canvas_length, seed=seeds, batch_size=len(tasks),
-                                          on_step=on_step)
+                                          canvas_length=first.canvas_length, seed=seeds,
+                                          batch_size=len(tasks), on_step=on_step)
             for job, task, row, seq, ids in zip(jobs, tasks, rows, result.sequences, result.ids):
                 canvas = seq[len(task.prompt_ids):]
                 job.finish(ChatResult(
-                    answer=row["answer"], finish_reason="stop" if self.template.eos_id in canvas else "length",
-                    prompt_tokens=len(task.prompt_ids), completion_tokens=len(ids), stats=row["stats"], seed=task.seed,
+                    answer=row["answer"],
+                                      finish_reason="stop" if self.template.eos_id in canvas else "length",
+                    prompt_tokens=len(task.prompt_ids), completion_tokens=len(ids), stats=row["stats"],
+                                      seed=task.seed,
                     batch_size=len(jobs), slots=self.chat_state(task, seq)["slots"],
                 ))
         else:
-            outputs, _ = infill_texts(self.model, [t.text for t in tasks], sampler=first.sampler, prompt=first.prompt,
-                                      seed=seeds, batch_size=len(tasks), default_slots=first.default_slots,
-                                      on_step=on_step)
+            outputs, _ = infill_texts(self.model, [t.text for t in tasks], sampler=first.sampler,
+                                      prompt=first.prompt, seed=seeds, batch_size=len(tasks),
+                                      default_slots=first.default_slots, on_step=on_step)
             for job, task, out in zip(jobs, tasks, outputs):
                 job.finish(InfillResult(
                     text=out.filled, fills=out.fills, prompt_tokens=len(task.layout.row),

@@ -37,11 +37,12 @@ class APIError(Exception):
         self.headers = headers
 
     def response(self) -> JSONResponse:
-        return JSONResponse(error_body(self.message, self.type, self.param, self.code), status_code=self.status,
-                            headers=self.headers)
+        return JSONResponse(error_body(self.message, self.type, self.param, self.code),
+                            status_code=self.status, headers=self.headers)
 
 
-def error_body(message: str, type: str, param: Optional[str] = None, code: Optional[str] = None) -> dict[str, Any]:
+def error_body(message: str, type: str, param: Optional[str] = None,
+               code: Optional[str] = None) -> dict[str, Any]:
     """The OpenAI error object."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
@@ -85,7 +86,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = list(exc.errors())
         # The deepest location is the most specific (a union reports one error per member type).
-        first = max(errors, key=lambda e: len(e.get("loc", ()))) if errors else {"loc": ("body",), "msg": "invalid"}
+        first = max(errors, key=lambda e: len(e.get("loc", ()))) if errors else {"loc": ("body",),
+                                                                                 "msg": "invalid"}
         # A JSON syntax error's location is a character offset, not a field.
         param = None if first.get("type") == "json_invalid" else _param(tuple(first.get("loc", ())))
         message = _validation_message(first)
@@ -99,7 +101,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
         if exc.status_code == 404:
-            message = f"no route {request.method} {request.url.path}; see GET /v1/models, POST /v1/chat/completions"
+            message = (f"no route {request.method} {request.url.path}; see GET /v1/models, "
+                       "POST /v1/chat/completions")
         return APIError(exc.status_code, message, headers=getattr(exc, "headers", None)).response()
 
     @app.exception_handler(Exception)

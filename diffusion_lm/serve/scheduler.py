@@ -87,8 +87,8 @@ class BatchScheduler:
         max_queue: most queued (not yet running) jobs; ``submit`` raises :class:`QueueFull` beyond it.
     """
 
-    def __init__(self, run_batch: Callable[[list[Job]], None], *, max_batch_size: int = 16, max_wait: float = 0.01,
-                 max_queue: int = 256) -> None:
+    def __init__(self, run_batch: Callable[[list[Job]], None], *, max_batch_size: int = 16,
+                 max_wait: float = 0.01, max_queue: int = 256) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_wait < 0:
@@ -162,7 +162,8 @@ class BatchScheduler:
 
     def _retry_after(self) -> int:
         batches_ahead = len(self._pending) / self.max_batch_size + 1
-        per_batch = self._batch_seconds / max(1, sum(self._batch_sizes.values())) if self._batch_sizes else 1.0
+        per_batch = self._batch_seconds / max(1,
+                                              sum(self._batch_sizes.values())) if self._batch_sizes else 1.0
         return max(1, math.ceil(batches_ahead * per_batch))
 
     def stats(self) -> dict[str, Any]:
@@ -172,16 +173,18 @@ class BatchScheduler:
             sizes = dict(sorted(self._batch_sizes.items()))
             batches = sum(sizes.values())
             return {
-                "requests": {k: self._counts[k] for k in ("submitted", "completed", "failed", "cancelled", "rejected")},
+                "requests": {k: self._counts[k] for k in ("submitted", "completed", "failed", "cancelled",
+                                                          "rejected")},
                 "batches": batches,
                 "batch_sizes": {str(k): v for k, v in sizes.items()},
                 "max_batch_size_seen": max(sizes, default=0),
-                "mean_batch_size": round(sum(k * v for k, v in sizes.items()) / batches, 3) if batches else 0.0,
+                "mean_batch_size": round(sum(k * v for k, v in sizes.items()) / batches,
+                                         3) if batches else 0.0,
                 "aborted_batches": self._counts["aborted"],
                 "queued": len(self._pending),
                 "running": self._running,
-                "limits": {"max_batch_size": self.max_batch_size, "max_wait_ms": round(self.max_wait * 1000, 3),
-                           "max_queue": self.max_queue},
+                "limits": {"max_batch_size": self.max_batch_size,
+                           "max_wait_ms": round(self.max_wait * 1000, 3), "max_queue": self.max_queue},
             }
 
     # ---------------------------------------------------------------------------------- worker

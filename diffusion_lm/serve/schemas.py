@@ -12,7 +12,8 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-__all__ = ["ChatCompletionRequest", "ChatMessage", "DiffusionOptions", "InfillRequest", "StreamOptions", "TextPart"]
+__all__ = ["ChatCompletionRequest", "ChatMessage", "DiffusionOptions", "InfillRequest", "StreamOptions",
+           "TextPart"]
 
 # Seeds are mixed as 64-bit integers by the sampler; anything in int64/uint64 range is accepted.
 _SEED = dict(ge=-(2**63), lt=2**64)
@@ -94,14 +95,17 @@ class ChatCompletionRequest(_Sampling):
     @classmethod
     def _no_stop(cls, value):
         if value:  # stop strings need left-to-right decoding; a diffusion answer has no "so far"
-            raise ValueError("stop sequences are not supported by a diffusion sampler (the answer ends at its EOS)")
+            raise ValueError("stop sequences are not supported by a diffusion sampler (the answer ends at "
+                             "its EOS)")
         return value
 
     @field_validator("presence_penalty", "frequency_penalty", "logprobs")
     @classmethod
     def _off_only(cls, value, info):
-        if value:  # the repetition guard is the sampler's tool against loops (diffusion.preset / server flags)
-            raise ValueError(f"{info.field_name} is not supported; only its neutral value (0 / false) is accepted")
+        # the repetition guard is the sampler's tool against loops (diffusion.preset / server flags)
+        if value:
+            raise ValueError(f"{info.field_name} is not supported; only its neutral value (0 / false) is "
+                             "accepted")
         return value
 
 

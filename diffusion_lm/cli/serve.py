@@ -1,4 +1,5 @@
-"""``diffusion-lm serve``: load a model and serve it over HTTP (OpenAI-compatible API + web page)."""
+"""``diffusion-lm serve``: load a model and serve it over HTTP (OpenAI-compatible API + web page); the
+server itself is :mod:`diffusion_lm.serve`."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ import sys
 from typing import Optional
 
 from ..errors import ConfigError
-from ..sampling.commands import SamplerSpec, build_sampler, load_for_inference
+from ..loading import load_for_inference
+from ..pipeline import build_sampler
+from ..sampling.config import SamplerSpec
+from ..serve.app import create_app, default_api_key
 
 __all__ = ["serve_command"]
 
@@ -69,16 +73,16 @@ def serve_command(
         max_batch_size: most requests decoded together.
         max_wait_ms: how long the oldest queued request waits for others to join its batch.
         max_queue: most requests waiting; beyond it requests get HTTP 429 with Retry-After.
-        api_key: require 'Authorization: Bearer KEY' on /v1/* and /stats (default: $DIFFUSION_LM_API_KEY, else none).
+        api_key: require 'Authorization: Bearer KEY' on /v1/* and /stats (default: $DIFFUSION_LM_API_KEY, else
+            none).
         served_model_name: the model id of the API (default: the --model path).
         device: cpu or cuda (default: cuda when available).
         log_level: uvicorn's and the server's log level (debug, info, warning, error).
     """
     import uvicorn
 
-    from .app import create_app, default_api_key
-
-    for name, value, low in (("port", port, 0), ("max_batch_size", max_batch_size, 1), ("max_queue", max_queue, 1)):
+    for name, value, low in (("port", port, 0), ("max_batch_size", max_batch_size, 1),
+                             ("max_queue", max_queue, 1)):
         if value < low:
             raise ConfigError(f"--{name} must be >= {low}, got {value}")
     if not 0 <= port <= 65535:
@@ -88,18 +92,19 @@ def serve_command(
     level = str(log_level).lower()
     if level not in ("critical", "error", "warning", "info", "debug"):
         raise ConfigError(f"--log_level {log_level!r}: use debug, info, warning or error")
-    defaults = {"preset": preset, "sampler": sampler, "steps": steps, "temperature": temperature, "top_p": top_p,
-                "top_k": top_k, "block_size": block_size, "threshold": threshold}
+    defaults = {"preset": preset, "sampler": sampler, "steps": steps, "temperature": temperature,
+                "top_p": top_p, "top_k": top_k, "block_size": block_size, "threshold": threshold}
     build_sampler(**defaults)  # bad sampler flags fail before the (slow) model load
     key = default_api_key(api_key)
     if not _is_loopback(host) and key is None:
-        print(f"diffusion-lm serve: warning: binding {host} without an API key: anyone who can reach this port "
-              "can use the model (set --api_key or DIFFUSION_LM_API_KEY)", file=sys.stderr)
+        print(f"diffusion-lm serve: warning: binding {host} without an API key: anyone who can reach this "
+              "port can use the model (set --api_key or DIFFUSION_LM_API_KEY)", file=sys.stderr)
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("diffusion_lm.serve").setLevel(level.upper())
     lm = load_for_inference(model, device)
     app = create_app(lm, model_name=served_model_name or model, sampler=defaults, canvas_length=canvas_length,
-                     max_batch_size=max_batch_size, max_wait=max_wait_ms / 1000.0, max_queue=max_queue, api_key=key)
+                     max_batch_size=max_batch_size, max_wait=max_wait_ms / 1000.0, max_queue=max_queue,
+                     api_key=key)
     print(f"diffusion-lm serve: {served_model_name or model} on http://{host}:{port}/ "
           f"(API: http://{host}:{port}/v1, pid {os.getpid()})", file=sys.stderr, flush=True)
     uvicorn.run(app, host=host, port=port, log_level=level)
