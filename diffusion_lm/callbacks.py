@@ -189,14 +189,18 @@ class ValidationSampling(Callback):
             convs.append(conv)
         if not kept:
             return []
+        from .distributed import root_forward
         from .sampling.generate import generate
+
+        def denoise(ids, attention, query):  # under FSDP each call runs as the root's forward
+            return root_forward(trainer, lambda: pl_module.denoise(ids, attention, query))
 
         was_training = pl_module.training
         pl_module.eval()
         try:
             tpl = pl_module.template
             result = generate(
-                pl_module.denoise, [pl_module.prompt_ids(c) for c in convs], mask_id=tpl.mask_id, eos_id=tpl.eos_id,
+                denoise, [pl_module.prompt_ids(c) for c in convs], mask_id=tpl.mask_id, eos_id=tpl.eos_id,
                 pad_id=tpl.pad_id, canvas_length=canvas, sampler=self.sampler, seed=self.seed,
                 max_batch_size=self.batch_size, max_length=limit,
             )

@@ -350,7 +350,8 @@ def export_checkpoint(
     dtype: Optional[torch.dtype] = None,
     verify: bool = True,
 ) -> Path:
-    """Export a Lightning checkpoint of :class:`~diffusion_lm.MaskedDiffusionLM`.
+    """Export a Lightning checkpoint of :class:`~diffusion_lm.MaskedDiffusionLM`: a ``.ckpt`` file, or
+    the folder of a sharded FSDP checkpoint (read with :func:`~diffusion_lm.distributed.read_sharded_checkpoint`).
 
     With Lightning's ``EMAWeightAveraging`` the checkpoint's ``state_dict`` holds the averaged
     weights and ``current_model_state`` the raw ones; ``weights="auto"`` exports the EMA weights
@@ -360,13 +361,19 @@ def export_checkpoint(
     from .module import MaskedDiffusionLM
 
     ckpt_path = str(ckpt_path)
-    if not os.path.isfile(ckpt_path):
+    sharded = os.path.isdir(ckpt_path)  # FSDP with state_dict_type: sharded writes a folder
+    if not sharded and not os.path.isfile(ckpt_path):
         raise ConfigError(f"--ckpt_path {ckpt_path!r}: no such checkpoint file")
     check_target(output_dir, overwrite, [ckpt_path])  # before the (slow) load
-    try:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as err:  # truncated file, not a checkpoint
-        raise ConfigError(f"--ckpt_path: {unreadable_checkpoint_message(ckpt_path, err)}") from None
+    if sharded:
+        from .distributed import read_sharded_checkpoint
+
+        checkpoint = read_sharded_checkpoint(ckpt_path)
+    else:
+        try:
+            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+        except Exception as err:  # truncated file, not a checkpoint
+            raise ConfigError(f"--ckpt_path: {unreadable_checkpoint_message(ckpt_path, err)}") from None
     has_ema = "current_model_state" in checkpoint
     if weights == "ema" and not has_ema:
         raise ConfigError(
@@ -375,8 +382,13 @@ def export_checkpoint(
     current_state = checkpoint["current_model_state"] if (weights == "current" and has_ema) else None
     summary = _data_summary(checkpoint)
     global_step = checkpoint.get("global_step")
-    del checkpoint
-    model = MaskedDiffusionLM.load_from_checkpoint(ckpt_path, map_location="cpu")
+    if sharded:
+        from .distributed import model_from_checkpoint
+
+        model = model_from_checkpoint(MaskedDiffusionLM, checkpoint)
+    else:
+        del checkpoint
+        model = MaskedDiffusionLM.load_from_checkpoint(ckpt_path, map_location="cpu")
     if current_state is not None:
         model.load_state_dict(current_state)
     model.eval()
@@ -396,7 +408,8 @@ def export_command(
     """Export a training checkpoint to a Hugging Face folder (model, tokenizer, diffusion metadata, card).
 
     Args:
-        ckpt_path: Lightning checkpoint (``.ckpt``) of a ``diffusion-lm fit`` run.
+        ckpt_path: Lightning checkpoint (``.ckpt``) of a ``diffusion-lm fit`` run, or the folder of a
+            sharded FSDP checkpoint (``state_dict_type: sharded``).
         output_dir: folder to create (written atomically).
         weights: ``auto`` (EMA weights if the run used EMAWeightAveraging), ``ema`` or ``current``.
         overwrite: replace an existing ``output_dir``.

@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from .backbone import Backbone, ScratchBackbone, load_backbone
 from .data.conversation import Conversation, Turn
 from .data.template import ChatTemplate
+from .distributed import check_strategy, root_forward
 from .errors import ConfigError, TrainingDiverged
 from .metrics import LanguageNelbo
 from .objective import counter_uniform_at, masked_diffusion_nelbo
@@ -206,6 +207,7 @@ class MaskedDiffusionLM(pl.LightningModule):
         return self.net(input_ids, attention_mask, query)
 
     def setup(self, stage: str) -> None:
+        check_strategy(self.trainer.strategy)
         datamodule = getattr(self.trainer, "datamodule", None)
         languages = {s.language for s in getattr(datamodule, "sources", [])} | {"en", "ru"}
         self.val_metrics = LanguageNelbo(languages)
@@ -283,7 +285,9 @@ class MaskedDiffusionLM(pl.LightningModule):
         for rows in self._row_chunks(num_rows):
             empty = rows.start >= num_rows
             rows = slice(0, 1) if empty else rows  # a rank with fewer rows still joins the collective
-            out = self._nelbo(_rows(batch, rows), t[rows], self.hparams.seed, step, keys[rows], normalizer)
+            # Under FSDP the forward runs as the root's forward, so the backward below follows it.
+            out = root_forward(self.trainer, lambda rows=rows: self._nelbo(_rows(batch, rows), t[rows], self.hparams.seed,
+                                                                           step, keys[rows], normalizer))
             self.manual_backward(out.loss * 0.0 if empty else out.loss)
             if not empty:
                 weighted += out.weighted_sum

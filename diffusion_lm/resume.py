@@ -181,14 +181,18 @@ def find_last_checkpoint(default_root_dir: Optional[str], dirpaths: Sequence[str
 
     root = Path(default_root_dir or os.getcwd())
     folders = [Path(d) for d in dirpaths if d] + [root, root / "checkpoints"] + list(root.glob("*/*/checkpoints"))
+    from .distributed import METADATA_FILE, is_sharded_checkpoint
+
     found = []
     for folder in folders:
         for path in folder.glob("last*.ckpt"):
             if path.is_file() and not is_temp_file(path):
-                found.append(path)
+                found.append((path.stat().st_mtime, path))
+            elif is_sharded_checkpoint(path):  # FSDP sharded: a folder, complete once meta.pt is written
+                found.append(((path / METADATA_FILE).stat().st_mtime, path))
     if not found:
         return None
-    return str(max(found, key=lambda p: p.stat().st_mtime))
+    return str(max(found)[1])
 
 
 def read_checkpoint(path: str) -> Optional[dict]:
@@ -206,8 +210,15 @@ def read_checkpoint(path: str) -> Optional[dict]:
     file = Path(path).expanduser()
     if not file.exists():
         raise ConfigError(f"--ckpt_path {path}: no such checkpoint file")
-    if file.is_dir():  # FSDP / DeepSpeed sharded checkpoints are folders
-        return None
+    if file.is_dir():  # FSDP / DeepSpeed sharded checkpoints are folders: only FSDP's metadata is read
+        from .distributed import METADATA_FILE, is_sharded_checkpoint
+
+        if not is_sharded_checkpoint(file):
+            return None
+        try:
+            return torch.load(file / METADATA_FILE, map_location="cpu", weights_only=False)
+        except Exception as err:
+            raise ConfigError(f"--ckpt_path: {unreadable_checkpoint_message(str(file / METADATA_FILE), err)}") from None
     try:
         return torch.load(file, map_location="cpu", weights_only=False, mmap=True)
     except Exception as err:  # truncated zip, not a checkpoint at all, ...
