@@ -171,7 +171,8 @@ _SPECIAL_PATHS = ("best", "hpc", "registry")
 
 def find_last_checkpoint(default_root_dir: Optional[str], dirpaths: Sequence[str] = ()) -> Optional[str]:
     """The newest ``last*.ckpt`` in the given checkpoint folders or where Lightning puts them under
-    ``default_root_dir`` (``checkpoints/`` and ``<logger name>/<version>/checkpoints/``).
+    ``default_root_dir`` (``checkpoints/`` and ``<logger name>/<version>/checkpoints/``), or
+    ``hpc_ckpt_<n>.ckpt`` of SLURM's auto-requeue in ``default_root_dir``; files or sharded folders.
 
     Lightning resolves ``ckpt_path="last"`` in *this* run's checkpoint folder, which with a logger is
     a new ``version_<n>`` folder: the previous run's ``last.ckpt`` is never found and training
@@ -184,12 +185,14 @@ def find_last_checkpoint(default_root_dir: Optional[str], dirpaths: Sequence[str
     from .distributed import METADATA_FILE, is_sharded_checkpoint
 
     found = []
-    for folder in folders:
-        for path in folder.glob("last*.ckpt"):
-            if path.is_file() and not is_temp_file(path):
-                found.append((path.stat().st_mtime, path))
-            elif is_sharded_checkpoint(path):  # FSDP sharded: a folder, complete once meta.pt is written
-                found.append(((path / METADATA_FILE).stat().st_mtime, path))
+    # Lightning's SLURM auto-requeue saves hpc_ckpt_<n>.ckpt in default_root_dir (and resumes from it
+    # only when no --ckpt_path is given): a requeued `--ckpt_path last` job takes the newest of both.
+    candidates = [p for folder in folders for p in folder.glob("last*.ckpt")] + list(root.glob("hpc_ckpt_*.ckpt"))
+    for path in candidates:
+        if path.is_file() and not is_temp_file(path):
+            found.append((path.stat().st_mtime, path))
+        elif is_sharded_checkpoint(path):  # FSDP sharded: a folder, complete once meta.pt is written
+            found.append(((path / METADATA_FILE).stat().st_mtime, path))
     if not found:
         return None
     return str(max(found)[1])
