@@ -27,6 +27,7 @@ or ``--trainer.strategy=fsdp_encoder`` (the registered name, with the defaults).
 from __future__ import annotations
 
 import logging
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, TypeVar, Union
@@ -269,7 +270,9 @@ def read_sharded_checkpoint(path: Union[str, Path]) -> dict[str, Any]:
         raise ConfigError(f"--ckpt_path {str(path)!r}: the sharded checkpoint holds no model weights")
     model = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in keys.items()}
     state = {"model": model}
-    dcp.load(state, storage_reader=reader, no_dist=True)
+    with warnings.catch_warnings():  # "torch.distributed is not initialized": one process is the intent
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, storage_reader=reader, no_dist=True)
     checkpoint = torch.load(path / METADATA_FILE, map_location="cpu", weights_only=False)
     checkpoint["state_dict"], current = split_prefixed(state["model"], CURRENT_PREFIX)
     if current:  # an EMA run: state_dict is the average, as in a .ckpt file written by Lightning's callback
@@ -289,7 +292,9 @@ def model_from_checkpoint(cls, checkpoint: dict[str, Any]):
     buffer = io.BytesIO()
     torch.save({**light, "state_dict": {}}, buffer)
     buffer.seek(0)
-    model = cls.load_from_checkpoint(buffer, map_location="cpu", strict=False, weights_only=False)
+    with warnings.catch_warnings():  # "no parameters in the checkpoint": on purpose, they follow
+        warnings.simplefilter("ignore")
+        model = cls.load_from_checkpoint(buffer, map_location="cpu", strict=False, weights_only=False)
     model.load_state_dict(checkpoint["state_dict"])
     return model.eval()
 
