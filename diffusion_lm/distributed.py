@@ -317,6 +317,6 @@ def check_strategy(strategy) -> None:
     """A one-line error for Lightning's plain ``FSDPStrategy``: this module optimises manually, which
     fails inside FSDP's root forward (lightning#19626); :class:`EncoderFSDPStrategy` runs it."""
     if isinstance(strategy, FSDPStrategy) and not isinstance(strategy, EncoderFSDPStrategy):
-        raise ConfigError("trainer.strategy: Lightning's FSDPStrategy cannot run MaskedDiffusionLM's manual optimisation "
-                          "(lightning#19626); use diffusion_lm.distributed.EncoderFSDPStrategy "
-                          "(or --trainer.strategy configs/strategy/fsdp.yaml)")
+        raise ConfigError("trainer.strategy: Lightning's FSDPStrategy cannot run MaskedDiffusionLM's manual "
+                          "optimisation (lightning#19626); use diffusion_lm.distributed.EncoderFSDPStrategy "
+                          "(--trainer.strategy=fsdp_encoder, or --config configs/strategy/fsdp.yaml)")

@@ -286,8 +286,8 @@ class MaskedDiffusionLM(pl.LightningModule):
             empty = rows.start >= num_rows
             rows = slice(0, 1) if empty else rows  # a rank with fewer rows still joins the collective
             # Under FSDP the forward runs as the root's forward, so the backward below follows it.
-            out = root_forward(self.trainer, lambda rows=rows: self._nelbo(_rows(batch, rows), t[rows], self.hparams.seed,
-                                                                           step, keys[rows], normalizer))
+            out = root_forward(self.trainer, lambda rows=rows: self._nelbo(
+                _rows(batch, rows), t[rows], self.hparams.seed, step, keys[rows], normalizer))
             self.manual_backward(out.loss * 0.0 if empty else out.loss)
             if not empty:
                 weighted += out.weighted_sum

@@ -69,7 +69,8 @@ def test_torchrun_script_trains_two_processes_like_one(tmp_path, messages_jsonl)
     for nproc, batch in ((1, 8), (2, 4)):
         root = tmp_path / f"n{nproc}"
         out = _check(subprocess.run(
-            ["bash", script, "fit", *_args(root, messages_jsonl, f"--data.batch_size={batch}", "--trainer.max_steps=3")],
+            ["bash", script, "fit", *_args(root, messages_jsonl, f"--data.batch_size={batch}",
+                                           "--trainer.max_steps=3")],
             env=_env(NPROC=str(nproc), MASTER_PORT=str(_free_port())), cwd=tmp_path, capture_output=True, text=True,
             timeout=600))
         if nproc == 2:
