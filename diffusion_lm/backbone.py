@@ -228,29 +228,47 @@ def segment_positions(segments: torch.Tensor) -> torch.Tensor:
     return pos - torch.where(start, pos, torch.zeros_like(pos)).cummax(dim=1).values
 
 
-def _segment_mask(m: nn.Module, segments: torch.Tensor) -> Any:
-    """A 4D bidirectional mask in which a token sees only tokens of its own segment, in the format
-    the model's attention implementation takes (built by transformers' own mask utilities)."""
+def _embeds_like(m: nn.Module, segments: torch.Tensor) -> torch.Tensor:
+    """A zero-width stand-in for ``inputs_embeds``: transformers' mask helpers read only its shape,
+    dtype and device."""
+    return torch.empty(*segments.shape, 0, dtype=m.get_input_embeddings().weight.dtype, device=segments.device)
+
+
+def _combine(m: nn.Module, same: torch.Tensor, base: Any) -> Any:
+    """``same`` (a [B, 1, L, L] same-segment bool mask) in the format of the model's attention
+    implementation, intersected with ``base`` (a mask transformers built, or None)."""
+    impl = m.config._attn_implementation
+    if impl == "sdpa":  # boolean, True = attend
+        return same if base is None else same & base
+    dtype = m.get_input_embeddings().weight.dtype  # eager: additive float
+    mask = torch.zeros(same.shape, dtype=dtype, device=same.device).masked_fill_(~same, torch.finfo(dtype).min)
+    return mask if base is None else torch.minimum(mask, base)
+
+
+def _segment_mask(m: nn.Module, segments: torch.Tensor, base_factory: Optional[Callable] = None) -> Any:
+    """A 4D bidirectional mask in which a token sees only tokens of its own segment, in the format the
+    model's attention implementation takes; ``base_factory`` (a transformers mask helper) adds the
+    family's own restriction, e.g. a sliding window."""
     from transformers.masking_utils import create_bidirectional_mask, packed_sequence_mask_function
 
-    embeds = torch.empty(*segments.shape, 0, dtype=m.get_input_embeddings().weight.dtype, device=segments.device)
-    return create_bidirectional_mask(
-        config=m.config, inputs_embeds=embeds, attention_mask=None,
-        and_mask_function=packed_sequence_mask_function(segments),
-    )
+    factory = base_factory or create_bidirectional_mask
+    if m.config._attn_implementation in ("sdpa", "eager"):
+        # Built directly: transformers' mask functions (vmap over every query/key pair) cost more
+        # than a small model's whole forward pass on a CPU.
+        same = segments[:, None, :, None] == segments[:, None, None, :]
+        base = factory(config=m.config, inputs_embeds=_embeds_like(m, segments), attention_mask=None)
+        return _combine(m, same, base)
+    return factory(config=m.config, inputs_embeds=_embeds_like(m, segments), attention_mask=None,
+                   and_mask_function=packed_sequence_mask_function(segments))
 
 
 def _modernbert_segment_mask(m: nn.Module, segments: torch.Tensor) -> Any:
     """ModernBERT alternates global and sliding-window layers: one segment mask per layer type."""
-    from transformers.masking_utils import create_bidirectional_sliding_window_mask, packed_sequence_mask_function
+    from transformers.masking_utils import create_bidirectional_sliding_window_mask
 
-    embeds = torch.empty(*segments.shape, 0, dtype=m.get_input_embeddings().weight.dtype, device=segments.device)
     return {
         "full_attention": _segment_mask(m, segments),
-        "sliding_attention": create_bidirectional_sliding_window_mask(
-            config=m.config, inputs_embeds=embeds, attention_mask=None,
-            and_mask_function=packed_sequence_mask_function(segments),
-        ),
+        "sliding_attention": _segment_mask(m, segments, create_bidirectional_sliding_window_mask),
     }
 
 

@@ -105,7 +105,8 @@ def run_mode(mode: str, files: dict, test: list[dict], args, seed: int) -> dict:
     pl.seed_everything(seed, workers=True)
     backbone = ScratchBackbone(model_type="modernbert", tokenizer=str(files["tokenizer"]), hidden_size=args.hidden,
                                num_hidden_layers=args.layers,
-                               num_attention_heads=max(1, args.hidden // 32), intermediate_size=2 * args.hidden,
+                               num_attention_heads=getattr(args, "heads", None) or max(1, args.hidden // 32),
+                               intermediate_size=2 * args.hidden,
                                max_position_embeddings=args.max_length)
     model = MaskedDiffusionLM(backbone, learning_rate=args.lr, warmup_steps=args.warmup, lr_schedule="constant",
                               canvas_length=args.canvas, seed=seed, health_check=False)
@@ -139,12 +140,14 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--max-number", type=int, default=300)
+    parser.add_argument("--task", choices=["numbers", "digits"], default="numbers")
+    parser.add_argument("--max-number", type=int, default=300, help="numbers 0..N-1, or N digit strings")
     parser.add_argument("--held-out", type=float, default=0.1)
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=None, help="attention heads (default hidden / 32)")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--canvas", type=int, default=8)
@@ -160,11 +163,13 @@ def main(argv=None) -> dict:
         runs: dict[str, list[dict]] = {m: [] for m in args.modes}
         for seed in args.seeds:
             files = write_synthetic_task(Path(tmp) / f"task{seed}", max_number=args.max_number,
-                                         held_out=args.held_out, seed=seed)
+                                         held_out=args.held_out, seed=seed, task=args.task)
             files["cache"] = Path(tmp) / "cache"
             test = [json.loads(line) for line in files["test"].read_text(encoding="utf-8").splitlines()]
             for mode in args.modes:  # modes interleaved within each seed
                 runs[mode].append(run_mode(mode, files, test, args, seed))
+                print(f"seed {seed} {mode}: {runs[mode][-1]['exact']}/{runs[mode][-1]['held_out']} held-out exact, "
+                      f"{runs[mode][-1]['train_seconds']:.0f} s", file=sys.stderr, flush=True)
         for mode, per_seed in runs.items():
             keys = per_seed[0].keys()
             results["modes"][mode] = {k: statistics.fmean(r[k] for r in per_seed) for k in keys}

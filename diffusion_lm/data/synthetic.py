@@ -88,16 +88,47 @@ class SyntheticTask:
     test: list[dict]
 
 
-def synthetic_dialogs(max_number: int = 300, held_out: float = 0.1, seed: int = 0) -> SyntheticTask:
-    """All four kinds of dialog for the numbers ``0 .. max_number - 1``; a ``held_out`` share of the
-    numbers from 20 up goes to ``test`` (every kind of them), the rest to ``train`` (shuffled)."""
-    if not 21 <= max_number <= 1000:
-        raise ValueError(f"max_number must be in 21..1000, got {max_number}")
+def _digits_dialog(digits: str, kind: str) -> dict:
+    language, prompt, to_words = KINDS[kind]
+    names = _EN_SMALL if language == "en" else _RU_SMALL
+    words = " ".join(names[int(d)] for d in digits)
+    user = prompt.format(digits=digits, words=words)
+    return {"messages": [{"role": "user", "content": user},
+                         {"role": "assistant", "content": words if to_words else digits}],
+            "language": language, "kind": kind, "number": int(digits)}
+
+
+def synthetic_dialogs(max_number: int = 300, held_out: float = 0.1, seed: int = 0,
+                      task: str = "numbers", max_digits: int = 4) -> SyntheticTask:
+    """All four kinds of dialog for a set of numbers, some of them held out.
+
+    ``task="numbers"``: the numbers ``0 .. max_number - 1`` written as number words (``47`` ->
+    ``forty seven``); a ``held_out`` share of the numbers from 20 up goes to ``test``. Generalising
+    needs the composition of tens and units words: a hard task that small models learn late.
+    ``task="digits"``: ``max_number`` strings of ``max_digits`` digits spelled digit by digit (``0470``
+    -> ``zero four seven zero``), a ``held_out`` share of them in ``test``: a per-position mapping at a
+    fixed offset, which small models learn in a few hundred steps; lengths still differ by language
+    and direction (the prompts' templates).
+    ``train`` is shuffled.
+    """
     rng = random.Random(seed)
-    candidates = list(range(20, max_number))
-    test_numbers = set(rng.sample(candidates, max(1, round(held_out * len(candidates)))))
-    train = [_dialog(n, k) for n in range(max_number) if n not in test_numbers for k in KINDS]
-    test = [_dialog(n, k) for n in sorted(test_numbers) for k in KINDS]
+    if task == "digits":
+        strings: set[str] = set()
+        while len(strings) < max_number:
+            strings.add("".join(rng.choice("0123456789") for _ in range(max_digits)))
+        candidates = sorted(strings)
+        test_items = set(rng.sample(candidates, max(1, round(held_out * len(candidates)))))
+        train = [_digits_dialog(s, k) for s in sorted(strings) if s not in test_items for k in KINDS]
+        test = [_digits_dialog(s, k) for s in sorted(test_items) for k in KINDS]
+    elif task == "numbers":
+        if not 21 <= max_number <= 1000:
+            raise ValueError(f"max_number must be in 21..1000, got {max_number}")
+        candidates = list(range(20, max_number))
+        test_numbers = set(rng.sample(candidates, max(1, round(held_out * len(candidates)))))
+        train = [_dialog(n, k) for n in range(max_number) if n not in test_numbers for k in KINDS]
+        test = [_dialog(n, k) for n in sorted(test_numbers) for k in KINDS]
+    else:
+        raise ValueError(f"task must be 'numbers' or 'digits', got {task!r}")
     rng.shuffle(train)
     return SyntheticTask(train, test)
 
@@ -109,7 +140,7 @@ def write_synthetic_task(folder: str | Path, **kwargs) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     task = synthetic_dialogs(**kwargs)
     paths = {"train_en": folder / "train_en.jsonl", "train_ru": folder / "train_ru.jsonl", "test": folder / "test.jsonl",
-             "tokenizer": synthetic_tokenizer(folder / "tokenizer", kwargs.get("max_number", 300))}
+             "tokenizer": synthetic_tokenizer(folder / "tokenizer")}
     rows = {"train_en": [d for d in task.train if d["language"] == "en"],
             "train_ru": [d for d in task.train if d["language"] == "ru"], "test": task.test}
     for name, path in paths.items():
