@@ -48,6 +48,21 @@ def test_layer_classes_can_be_named(tmp_path):
         EncoderFSDPStrategy(mixed_precision=object())
 
 
+def test_the_health_check_is_skipped_under_the_strategy():
+    from types import SimpleNamespace
+
+    from diffusion_lm.health import MLMHealthCheck
+
+    class Untouchable:
+        def __getattr__(self, name):
+            raise AssertionError("the health check read the data")
+
+    check = MLMHealthCheck()  # skipped before reading any batch: its forward would bypass the FSDP root
+    check.on_fit_start(SimpleNamespace(ckpt_path=None, strategy=EncoderFSDPStrategy(), datamodule=Untouchable()),
+                       None)
+    assert check.report is None
+
+
 def test_lightnings_plain_fsdp_strategy_is_one_clear_error():
     with pytest.raises(ConfigError, match="EncoderFSDPStrategy"):
         check_strategy(FSDPStrategy())

@@ -1,5 +1,5 @@
-"""The launch scripts: tools/launch_torchrun.sh trains with 2 CPU processes like one process with the
-whole batch, and tools/slurm/fit.sbatch runs under Lightning's SLURM environment (srun stood in for
+"""The launch scripts: tools/launch_torchrun.sh trains with 2 CPU processes (DDP, with an EMA) like one
+process with the whole batch, and tools/slurm/fit.sbatch runs under Lightning's SLURM environment (srun stood in for
 by a script that starts the tasks with SLURM's variables) and resumes when the job is requeued."""
 
 from __future__ import annotations
@@ -70,7 +70,8 @@ def test_torchrun_script_trains_two_processes_like_one(tmp_path, messages_jsonl)
         root = tmp_path / f"n{nproc}"
         out = _check(subprocess.run(
             ["bash", script, "fit", *_args(root, messages_jsonl, f"--data.batch_size={batch}",
-                                           "--trainer.max_steps=3")],
+                                           "--trainer.max_steps=3", "--trainer.callbacks+=diffusion_lm.ema.EMA",
+                                           "--trainer.callbacks.decay=0.5")],
             env=_env(NPROC=str(nproc), MASTER_PORT=str(_free_port())), cwd=tmp_path, capture_output=True, text=True,
             timeout=600))
         if nproc == 2:
@@ -79,6 +80,11 @@ def test_torchrun_script_trains_two_processes_like_one(tmp_path, messages_jsonl)
     assert sorted(runs[2]) == sorted(runs[1]) == [0, 1, 2]
     for step, loss in runs[1].items():  # 2 ranks x 4 examples = 1 process x 8: the same global batch
         assert runs[2][step] == pytest.approx(loss, abs=1e-5), step
+    # The EMA under DDP: the same average and trained weights as one process.
+    one, two = (torch.load(tmp_path / f"n{n}" / "ckpt" / "last.ckpt", weights_only=False) for n in (1, 2))
+    for key in ("state_dict", "current_model_state"):
+        for name, value in one[key].items():
+            torch.testing.assert_close(two[key][name], value, rtol=1e-4, atol=1e-5, msg=f"{key} {name}")
 
 
 def test_torchrun_script_without_arguments_prints_its_usage():
