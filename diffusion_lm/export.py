@@ -32,6 +32,7 @@ import torch
 from .backbone import describe
 from .chat import DEFAULT_LANGUAGES
 from .checkpoint_io import read_checkpoint_file
+from .distributed import read_sharded_checkpoint
 from .errors import ConfigError
 from .files import fsync_dir, publish_folder
 # The folder format is loading's; load_exported and read_diffusion_config stay importable from here.
@@ -41,6 +42,7 @@ from .loading import (
     load_checkpoint,
     load_exported,
     load_hf_export,
+    model_from_checkpoint,
     read_diffusion_config,
 )
 from .sampling.config import PRESETS
@@ -358,17 +360,20 @@ def export_checkpoint(
     dtype: Optional[torch.dtype] = None,
     verify: bool = True,
 ) -> Path:
-    """Export a Lightning checkpoint of :class:`~diffusion_lm.MaskedDiffusionLM`.
+    """Export a Lightning checkpoint of :class:`~diffusion_lm.MaskedDiffusionLM`: a ``.ckpt`` file, or
+    the folder of a sharded FSDP checkpoint (read with
+    :func:`~diffusion_lm.distributed.read_sharded_checkpoint`).
 
     With Lightning's ``EMAWeightAveraging`` the checkpoint's ``state_dict`` holds the averaged
     weights and ``current_model_state`` the raw ones; ``weights="auto"`` exports the EMA weights
     when present, ``current`` the raw ones, ``ema`` insists on EMA.
     """
     ckpt_path = str(ckpt_path)
-    if not os.path.isfile(ckpt_path):
+    sharded = os.path.isdir(ckpt_path)  # FSDP with state_dict_type: sharded writes a folder
+    if not sharded and not os.path.isfile(ckpt_path):
         raise ConfigError(f"--ckpt_path {ckpt_path!r}: no such checkpoint file")
     check_target(output_dir, overwrite, [ckpt_path])  # before the (slow) load
-    checkpoint = read_checkpoint_file(ckpt_path)
+    checkpoint = read_sharded_checkpoint(ckpt_path) if sharded else read_checkpoint_file(ckpt_path)
     has_ema = "current_model_state" in checkpoint
     if weights == "ema" and not has_ema:
         raise ConfigError(
@@ -377,8 +382,11 @@ def export_checkpoint(
     current_state = checkpoint["current_model_state"] if (weights == "current" and has_ema) else None
     summary = _data_summary(checkpoint)
     global_step = checkpoint.get("global_step")
-    del checkpoint
-    model = load_checkpoint(ckpt_path, map_location="cpu")
+    if sharded:
+        model = model_from_checkpoint(checkpoint)
+    else:
+        del checkpoint
+        model = load_checkpoint(ckpt_path, map_location="cpu")
     if current_state is not None:
         model.load_state_dict(current_state)
     label = "ema" if has_ema and current_state is None else "current"

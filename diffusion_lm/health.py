@@ -287,7 +287,7 @@ class MLMHealthCheck(pl.Callback):
         if trainer.ckpt_path:
             rank_zero_info("MLM health check skipped: resuming from a checkpoint")
             return
-        if type(trainer.strategy).__name__ in _SHARDED_STRATEGIES:
+        if any(cls.__name__ in _SHARDED_STRATEGIES for cls in type(trainer.strategy).__mro__):  # subclasses
             rank_zero_info(
                 "MLM health check skipped under a sharded strategy; run `diffusion-lm check --model ...` "
                 "first"

@@ -13,8 +13,10 @@ The export folder format is defined here too (:data:`DIFFUSION_CONFIG`, :data:`F
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
@@ -23,6 +25,7 @@ import torch
 from .backbone import SparseHeadDenoiser, load_backbone
 from .chat import ChatTemplate
 from .checkpoint_io import read_checkpoint_file
+from .distributed import is_sharded_checkpoint, read_sharded_checkpoint
 from .errors import ConfigError
 from .module import MaskedDiffusionLM
 from .schedules import NoiseSchedule
@@ -36,6 +39,7 @@ __all__ = [
     "load_exported",
     "load_for_inference",
     "load_hf_export",
+    "model_from_checkpoint",
     "load_model",
     "read_checkpoint_file",
     "read_diffusion_config",
@@ -124,8 +128,30 @@ def load_hf_export(folder: Union[str, Path], dtype: Optional[torch.dtype] = None
 
 # ----------------------------------------------------------------------------------------- checkpoints
 def load_checkpoint(path: Union[str, Path], map_location: DevicePath = "cpu") -> MaskedDiffusionLM:
-    """A :class:`~diffusion_lm.MaskedDiffusionLM` from a Lightning checkpoint (``.ckpt``), in eval mode."""
+    """A :class:`~diffusion_lm.MaskedDiffusionLM` from a Lightning checkpoint (``.ckpt``, or the folder
+    of a sharded FSDP checkpoint), in eval mode."""
+    if is_sharded_checkpoint(path):
+        return model_from_checkpoint(read_sharded_checkpoint(path)).to(map_location)
     model = MaskedDiffusionLM.load_from_checkpoint(str(path), map_location=map_location)
+    return model.eval()
+
+
+def model_from_checkpoint(checkpoint: dict[str, Any]) -> MaskedDiffusionLM:
+    """A :class:`~diffusion_lm.MaskedDiffusionLM` built from an in-memory checkpoint dict (eval mode, CPU).
+
+    ``load_from_checkpoint`` reads a file or buffer; the module is built from a copy without the
+    weights (a few kB, so the weights are never serialised twice), then the weights are loaded.
+    """
+    light = {k: v for k, v in checkpoint.items()
+             if k not in ("state_dict", "current_model_state", "averaging_state")}
+    buffer = io.BytesIO()
+    torch.save({**light, "state_dict": {}}, buffer)
+    buffer.seek(0)
+    with warnings.catch_warnings():  # "no parameters in the checkpoint": on purpose, they follow
+        warnings.simplefilter("ignore")
+        model = MaskedDiffusionLM.load_from_checkpoint(buffer, map_location="cpu", strict=False,
+                                                       weights_only=False)
+    model.load_state_dict(checkpoint["state_dict"])
     return model.eval()
 
 
@@ -133,7 +159,7 @@ def load_model(path: str, map_location: DevicePath = "cpu") -> MaskedDiffusionLM
     """Load a model for inference (eval mode) from a Lightning checkpoint (``.ckpt``) or an export folder."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"--model {path!r}: no such checkpoint file or export folder")
-    if os.path.isdir(path):
+    if os.path.isdir(path) and not is_sharded_checkpoint(path):
         return load_exported(path, map_location=map_location)
     return load_checkpoint(path, map_location=map_location)
 

@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from .backbone import ScratchBackbone, SparseHeadDenoiser, load_backbone
 from .callbacks import BatchComposition
 from .chat import ChatTemplate, Conversation, Turn
+from .distributed import check_strategy, root_forward
 from .errors import ConfigError, TrainingDiverged
 from .health import MLMHealthCheck
 from .metrics import LanguageNelbo
@@ -126,7 +127,8 @@ class TextGeneration:
         try:
             tpl = self.template
             result = sample(
-                self.denoise, prompt_ids, mask_id=tpl.mask_id, eos_id=tpl.eos_id, pad_id=tpl.pad_id,
+                self._sampling_denoiser(), prompt_ids, mask_id=tpl.mask_id, eos_id=tpl.eos_id,
+                pad_id=tpl.pad_id,
                 canvas_length=canvas, sampler=sampler, seed=seed, return_trajectory=return_trajectory,
                 max_batch_size=max_batch_size, max_length=self.max_length, on_step=on_step,
             )
@@ -135,6 +137,19 @@ class TextGeneration:
                 module.train(was_training)
         result.texts = [self.template.decode_answer(ids) for ids in result.ids]
         return result
+
+    def _sampling_denoiser(self):
+        """``denoise``; while a Trainer with :class:`~diffusion_lm.distributed.EncoderFSDPStrategy`
+        holds the model (validation sampling), each call runs as the FSDP root's forward, which gathers
+        the parameters outside the wrapped layers."""
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None:
+            return self.denoise
+
+        def denoise(ids, attention, query):
+            return root_forward(trainer, lambda: self.denoise(ids, attention, query))
+
+        return denoise
 
     def prompt_budget(self, canvas_length: int) -> int:
         """Prompt tokens that fit next to ``canvas_length`` answer slots (a :class:`ConfigError` when the
@@ -314,6 +329,7 @@ class MaskedDiffusionLM(TextGeneration, pl.LightningModule):
     def setup(self, stage: str) -> None:
         """Hand the data module the model's chat template and sequence limit (``connect``), so the data,
         the sampler and export share one template; the data never reads the Trainer's model."""
+        check_strategy(self.trainer.strategy)
         connect = getattr(getattr(self.trainer, "datamodule", None), "connect", None)
         if callable(connect):
             connect(self.template, self.max_length)
@@ -391,7 +407,9 @@ class MaskedDiffusionLM(TextGeneration, pl.LightningModule):
         for rows in self._row_chunks(num_rows):
             empty = rows.start >= num_rows
             rows = slice(0, 1) if empty else rows  # a rank with fewer rows still joins the collective
-            out = self._nelbo(_rows(batch, rows), t[rows], self.hparams.seed, step, keys[rows], normalizer)
+            # Under FSDP the forward runs as the root's forward, so the backward below follows it.
+            out = root_forward(self.trainer, lambda rows=rows: self._nelbo(
+                _rows(batch, rows), t[rows], self.hparams.seed, step, keys[rows], normalizer))
             self.manual_backward(out.loss * 0.0 if empty else out.loss)
             if not empty:
                 weighted += out.weighted_sum

@@ -29,6 +29,7 @@ from typing import Any, Mapping, Optional, Sequence
 from .backbone import ScratchBackbone
 from .chat import DEFAULT_ROLE_HEADERS
 from .checkpoint_io import read_checkpoint_file
+from .distributed import METADATA_FILE, is_sharded_checkpoint
 from .errors import ConfigError
 from .files import is_temp_file
 from .schedules import LogLinearSchedule, NoiseSchedule
@@ -172,23 +173,30 @@ _SPECIAL_PATHS = ("best", "hpc", "registry")
 
 def find_last_checkpoint(default_root_dir: Optional[str], dirpaths: Sequence[str] = ()) -> Optional[str]:
     """The newest ``last*.ckpt`` in the given checkpoint folders or where Lightning puts them under
-    ``default_root_dir`` (``checkpoints/`` and ``<logger name>/<version>/checkpoints/``).
+    ``default_root_dir`` (``checkpoints/`` and ``<logger name>/<version>/checkpoints/``), or
+    ``hpc_ckpt_<n>.ckpt`` of SLURM's auto-requeue in ``default_root_dir``; files or sharded folders.
 
     Lightning resolves ``ckpt_path="last"`` in *this* run's checkpoint folder, which with a logger is
     a new ``version_<n>`` folder: the previous run's ``last.ckpt`` is never found and training
     silently starts over. Looking at every version makes ``--ckpt_path last`` resume after a restart.
     """
     root = Path(default_root_dir or os.getcwd())
-    folders = [Path(d) for d in dirpaths if d] + [root,
-                                                  root / "checkpoints"] + list(root.glob("*/*/checkpoints"))
+    folders = [Path(d) for d in dirpaths if d] + [root, root / "checkpoints"]
+    folders += list(root.glob("*/*/checkpoints"))
+    # Lightning's SLURM auto-requeue saves hpc_ckpt_<n>.ckpt in default_root_dir (and resumes from it
+    # only when no --ckpt_path is given): a requeued `--ckpt_path last` job takes the newest of both.
+    candidates = [p for folder in folders for p in folder.glob("last*.ckpt")] + list(
+        root.glob("hpc_ckpt_*.ckpt")
+    )
     found = []
-    for folder in folders:
-        for path in folder.glob("last*.ckpt"):
-            if path.is_file() and not is_temp_file(path):
-                found.append(path)
+    for path in candidates:
+        if path.is_file() and not is_temp_file(path):
+            found.append((path.stat().st_mtime, path))
+        elif is_sharded_checkpoint(path):  # FSDP sharded: a folder, complete once its metadata is written
+            found.append(((path / METADATA_FILE).stat().st_mtime, path))
     if not found:
         return None
-    return str(max(found, key=lambda p: p.stat().st_mtime))
+    return str(max(found)[1])
 
 
 def read_checkpoint(path: str) -> Optional[dict]:
@@ -202,6 +210,6 @@ def read_checkpoint(path: str) -> Optional[dict]:
     file = Path(path).expanduser()
     if not file.exists():
         raise ConfigError(f"--ckpt_path {path}: no such checkpoint file")
-    if file.is_dir():  # FSDP / DeepSpeed sharded checkpoints are folders
-        return None
+    if file.is_dir():  # FSDP / DeepSpeed sharded checkpoints are folders: only FSDP's metadata is read
+        return read_checkpoint_file(file / METADATA_FILE) if is_sharded_checkpoint(file) else None
     return read_checkpoint_file(path)

@@ -25,7 +25,8 @@ def export_command(
     """Export a training checkpoint to a Hugging Face folder (model, tokenizer, diffusion metadata, card).
 
     Args:
-        ckpt_path: Lightning checkpoint (``.ckpt``) of a ``diffusion-lm fit`` run.
+        ckpt_path: Lightning checkpoint (``.ckpt``) of a ``diffusion-lm fit`` run, or the folder of a
+            sharded FSDP checkpoint (``state_dict_type: sharded``).
         output_dir: folder to create (written atomically).
         weights: ``auto`` (EMA weights if the run used EMAWeightAveraging), ``ema`` or ``current``.
         overwrite: replace an existing ``output_dir``.

@@ -189,41 +189,44 @@ class DialogBatchSampler(Sampler[list[SampleKey]]):
             order = np.concatenate([p[np.argsort(self.lengths[p], kind="stable")] for p in parts])
         return order
 
-    def _global_batches(self) -> list[list[SampleKey]]:
-        n, gbs = len(self.lengths), self.global_batch_size
-        order = self.epoch_order().tolist()
-        draw = self.epoch * n
-        batches = [[SampleKey(i, draw + i) for i in order[s : s + gbs]] for s in range(0, n, gbs)]
-        if batches and len(batches[-1]) < gbs and (self.drop_last or self.world_size > 1):
-            if self.drop_last:
-                batches.pop()
-            else:  # even out the ranks with copies that run but are not scored
-                last = batches[-1]
-                batches[-1] = last + [SampleKey(order[i % n], draw + order[i % n], counted=False)
-                                      for i in range(gbs - len(last))]
+    def _batch_ids(self) -> np.ndarray:
+        """The order in which the epoch's global batches are visited."""
+        count = len(self)
         if self.shuffle and self.group_batches > 1:  # grouped windows: do not walk from short to long
-            rng = np.random.default_rng([self.seed, self.epoch, 1])
-            batches = [batches[i] for i in rng.permutation(len(batches))]
-        return batches
+            return np.random.default_rng([self.seed, self.epoch, 1]).permutation(count)
+        return np.arange(count)
+
+    def _resume_skip(self) -> int:
+        """Global batches to skip once after :meth:`resume` (the ones already trained on)."""
+        if self._resume is None:
+            return 0
+        epoch, done = self._resume
+        self._resume = None
+        if epoch != self.epoch:
+            return 0
+        skip = done // self.global_batch_size
+        if done % self.global_batch_size:
+            log.warning("resuming after %d examples of epoch %d, not a multiple of the global batch (%d): "
+                        "the batch size or process count changed; continuing at the next whole batch",
+                        done, epoch, self.global_batch_size)
+            skip += 1
+        return skip
 
     def __iter__(self) -> Iterator[list[SampleKey]]:
-        batches = self._global_batches()
-        skip = 0
-        if self._resume is not None:
-            epoch, done = self._resume
-            self._resume = None
-            if epoch == self.epoch:
-                skip = done // self.global_batch_size
-                if done % self.global_batch_size:
-                    log.warning("resuming after %d examples of epoch %d, not a multiple of the global batch "
-                                "(%d): the batch size or process count changed; continuing at the next whole "
-                                "batch",
-                                done, epoch, self.global_batch_size)
-                    skip += 1
-        for batch in batches[skip:]:
-            local = batch[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        # Keys are made per local batch as it is drawn: building all of an epoch's keys up front
+        # cost ~225 MiB and seconds per rank at every epoch start with 750k examples (docs/BENCHMARKS.md).
+        n, gbs = len(self.lengths), self.global_batch_size
+        order = self.epoch_order()
+        draw = self.epoch * n
+        first, last = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
+        for b in self._batch_ids()[self._resume_skip():].tolist():
+            members = order[b * gbs : (b + 1) * gbs]
+            counted = len(members)
+            if counted < gbs and self.world_size > 1:  # last batch of an evaluation: even out the ranks
+                members = np.concatenate([members, order[np.arange(gbs - counted) % n]])
+            local = members[first:last].tolist()
             if local:
-                yield local
+                yield [SampleKey(i, draw + i, counted=first + j < counted) for j, i in enumerate(local)]
 
     def __len__(self) -> int:
         n, gbs = len(self.lengths), self.global_batch_size

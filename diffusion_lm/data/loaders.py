@@ -21,12 +21,12 @@ from .streaming import StreamingExamples, rank_stream
 __all__ = ["map_loader", "row_lengths", "strata", "stream_loader"]
 
 
-def row_lengths(dataset, canvas: CanvasPolicy) -> list[int]:
+def row_lengths(dataset, canvas: CanvasPolicy) -> np.ndarray:
     """Width of each example once collated (prompt + answer region), for length sorting."""
     prompt = column(dataset, "prompt_length").to_numpy().astype(np.int64)
     answer = column(dataset, "answer_length").to_numpy().astype(np.int64)
     region = answer if canvas.mode == "none" else np.maximum(answer, canvas.length)
-    return (prompt + region).tolist()
+    return prompt + region
 
 
 def strata(dataset) -> np.ndarray:

@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Optional, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..chat import ChatTemplate
 from ..errors import ConfigError
@@ -97,9 +99,31 @@ _ACCOUNTING = ["reason", "partial"]
 
 
 def column(dataset, name: str):
-    """One column as a pyarrow array (``dataset[name]`` is a lazy Column that iterates row by row:
-    ~25 s per million rows)."""
+    """One column as a pyarrow array, in the dataset's row order.
+
+    ``dataset[name]`` is a lazy Column that iterates row by row (~25 s per million rows), and on a
+    dataset with an indices mapping (the mix is a ``select`` of its sources) ``datasets`` gathers the
+    rows one slice at a time (7 s and +440 MiB for one integer column of the 750k mix,
+    docs/BENCHMARKS.md). So the column is taken from the backing Arrow table with the mapping in one
+    ``take``. The mapping is ``Dataset._indices`` (a one-column table of row numbers, not a public
+    attribute): a ``datasets`` release without it takes the slow path, with the same result.
+    """
+    table_column = dataset.data.column(name)
+    indices = getattr(dataset, "_indices", False)
+    if indices is None:  # no mapping: the backing table is the dataset
+        return table_column
+    if indices is not False and indices.num_columns == 1 and indices.num_rows == len(dataset):
+        return table_column.take(indices.column(0))
     return dataset.with_format("arrow")[name]
+
+
+def value_counts(reasons, partial) -> Counter:
+    """``{(reason, partial): count}`` of two aligned Arrow arrays (the skip rows of a split)."""
+    table = pa.table({"reason": reasons, "partial": partial}).group_by(["reason", "partial"]).aggregate(
+        [("reason", "count")])
+    return Counter({(r, bool(p)): int(n) for r, p, n in zip(table["reason"].to_pylist(),
+                                                             table["partial"].to_pylist(),
+                                                             table["reason_count"].to_pylist())})
 
 
 def _hash(*parts: Any) -> str:
@@ -149,13 +173,14 @@ class _SourceBuilder:
 
     def count_and_keep(self, processed, where: str, fingerprint: str):
         """Count the skip rows of a processed split by reason, and return the examples only."""
-        reasons = column(processed, "reason").to_pylist()
-        keep = [i for i, reason in enumerate(reasons) if not reason]
-        if len(keep) < len(reasons):
-            partial = column(processed, "partial").to_pylist()
-            for reason, part in zip(reasons, partial):
-                if reason:
-                    self.skipped.add(where, reason, bool(part))
+        # Counted in Arrow: Python lists of a 750k-row column cost ~60 bytes a row and seconds.
+        reasons = column(processed, "reason")
+        skipped = pc.not_equal(reasons, "")
+        if pc.any(skipped).as_py():
+            partial = column(processed, "partial").filter(skipped)
+            for (reason, part), n in value_counts(reasons.filter(skipped), partial).items():
+                self.skipped.add(where, reason, part, n=n)
+            keep = np.flatnonzero(~skipped.to_numpy(zero_copy_only=False))
             processed = processed.select(keep, new_fingerprint=_hash(fingerprint, "kept"))
         return processed.remove_columns(_ACCOUNTING)
 
