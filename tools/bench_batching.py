@@ -110,8 +110,8 @@ def run_mode(mode: str, files: dict, test: list[dict], args, seed: int) -> dict:
                                intermediate_size=2 * args.hidden,
                                max_position_embeddings=args.max_length)
     model = MaskedDiffusionLM(backbone, learning_rate=args.lr, warmup_steps=args.warmup,
-                              lr_schedule="constant", canvas_length=args.canvas, seed=seed,
-                              health_check=False)
+                              lr_schedule=getattr(args, "lr_schedule", "cosine"), canvas_length=args.canvas,
+                              seed=seed, health_check=False)
     data = DialogDataModule(
         [DataSource(str(files["train_en"]), language="en", weight=0.5, val_size=0),
          DataSource(str(files["train_ru"]), language="ru", weight=0.5, val_size=0)],
@@ -154,6 +154,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--heads", type=int, default=None, help="attention heads (default hidden / 32)")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--lr-schedule", choices=["cosine", "linear", "constant"], default="cosine")
     parser.add_argument("--canvas", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None)
