@@ -116,13 +116,7 @@ def masked_diffusion_nelbo(
     noised, masked = apply_noise(input_ids, loss_mask, schedule.mask_probability(t), mask_id, generator,
                                  uniforms)
 
-    query = masked
-    if not bool(masked.any()):
-        # Nothing masked: still run the head on one position with zero weight, so every parameter
-        # takes part in backward (DDP/ZeRO stalled on such steps in dLLM's old code).
-        query = torch.zeros_like(masked)
-        query.view(-1)[int(loss_mask.view(-1).float().argmax())] = True
-
+    query = _query_positions(masked, loss_mask)
     logits = denoiser(noised, attention_mask, query).float()
     rows, cols = query.nonzero(as_tuple=True)
     nll = F.cross_entropy(logits, input_ids[rows, cols], reduction="none")
@@ -137,22 +131,7 @@ def masked_diffusion_nelbo(
     normalizer = torch.as_tensor(normalizer, dtype=weighted_sum.dtype, device=weighted_sum.device)
     loss = weighted_sum / normalizer.clamp_min(1e-8)
 
-    in_metric = metric_mask[rows, cols].to(torch.float64)
-    if groups is None:
-        group_of, n_groups, token_groups = rows, input_ids.shape[0], None
-    else:
-        group_of = groups[rows, cols].clamp_min(0)
-        n_groups = int(num_groups) if num_groups is not None else int(groups.max()) + 1
-        token_groups = groups
-    seq_nelbo = torch.zeros(n_groups, dtype=torch.float64, device=input_ids.device)
-    seq_nelbo.index_add_(0, group_of, contrib.detach().to(torch.float64) * in_metric)
-    if token_groups is None:
-        seq_tokens = metric_mask.sum(dim=1).to(torch.float64)
-    else:
-        seq_tokens = torch.zeros(n_groups, dtype=torch.float64, device=input_ids.device)
-        member = metric_mask & (token_groups >= 0)
-        seq_tokens.index_add_(0, token_groups[member],
-                              torch.ones_like(token_groups[member], dtype=torch.float64))
+    seq_nelbo, seq_tokens = _per_sequence(contrib.detach(), rows, cols, metric_mask, groups, num_groups)
     return NelboOutput(
         loss=loss,
         seq_nelbo=seq_nelbo,
@@ -160,3 +139,32 @@ def masked_diffusion_nelbo(
         weighted_sum=weighted_sum.detach(),
         num_masked=int(masked.sum()),
     )
+
+
+def _query_positions(masked: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """The positions whose logits are computed: the masked ones. When nothing is masked, one
+    position of ``loss_mask`` (it gets zero weight), so every parameter still takes part in backward
+    (DDP/ZeRO stalled on such steps in dLLM's old code)."""
+    if bool(masked.any()):
+        return masked
+    query = torch.zeros_like(masked)
+    query.view(-1)[int(loss_mask.view(-1).float().argmax())] = True
+    return query
+
+
+def _per_sequence(contrib: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, metric_mask: torch.Tensor,
+                  groups: torch.Tensor | None, num_groups: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """NELBO sums and token counts (float64) per row, or per group (example) of ``groups``."""
+    in_metric = metric_mask[rows, cols].to(torch.float64)
+    device = metric_mask.device
+    if groups is None:
+        seq_nelbo = torch.zeros(metric_mask.shape[0], dtype=torch.float64, device=device)
+        seq_nelbo.index_add_(0, rows, contrib.to(torch.float64) * in_metric)
+        return seq_nelbo, metric_mask.sum(dim=1).to(torch.float64)
+    n_groups = int(num_groups) if num_groups is not None else int(groups.max()) + 1
+    seq_nelbo = torch.zeros(n_groups, dtype=torch.float64, device=device)
+    seq_nelbo.index_add_(0, groups[rows, cols].clamp_min(0), contrib.to(torch.float64) * in_metric)
+    member = metric_mask & (groups >= 0)
+    seq_tokens = torch.zeros(n_groups, dtype=torch.float64, device=device)
+    seq_tokens.index_add_(0, groups[member], torch.ones_like(groups[member], dtype=torch.float64))
+    return seq_nelbo, seq_tokens
