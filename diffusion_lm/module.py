@@ -59,6 +59,8 @@ def check_options(**options: Any) -> None:
                      "must be in (0, 1), e.g. 1e-3 (the 1/t weight is infinite at t = 0)"),
         "canvas_length": (lambda v: v >= 1, "must be >= 1"),
         "max_nonfinite_steps": (lambda v: v >= 1, "must be >= 1"),
+        "prompt_dropout": (lambda v: 0 <= v < 1,
+                           "must be in [0, 1) (share of training examples whose prompt is masked)"),
     }
     for name, value in options.items():
         ok, what = rules[name]
@@ -214,6 +216,9 @@ class MaskedDiffusionLM(TextGeneration, pl.LightningModule):
         max_nonfinite_steps: an optimizer step whose loss or gradient norm is not finite is skipped
             (weights unchanged) and counted as ``train/skipped_steps``; after this many in a row the
             run stops with an error naming the step and the last good checkpoint.
+        prompt_dropout: share of training examples whose whole prompt is replaced by [MASK] (default 0,
+            off), so the model also learns the unconditional distribution that classifier-free guidance
+            (``--guidance``) contrasts against.
     """
 
     def __init__(
@@ -237,6 +242,7 @@ class MaskedDiffusionLM(TextGeneration, pl.LightningModule):
         canvas_length: int = 64,
         health_check: bool = True,
         max_nonfinite_steps: int = 10,
+        prompt_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if isinstance(schedule, dict):  # a checkpoint's hparams (see below) or a class_path mapping
@@ -249,7 +255,7 @@ class MaskedDiffusionLM(TextGeneration, pl.LightningModule):
         check_options(learning_rate=learning_rate, weight_decay=weight_decay, betas=betas,
                       warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, micro_batch_size=micro_batch_size,
                       gradient_clip_val=gradient_clip_val, time_eps=time_eps, canvas_length=canvas_length,
-                      max_nonfinite_steps=max_nonfinite_steps)
+                      max_nonfinite_steps=max_nonfinite_steps, prompt_dropout=prompt_dropout)
         self.save_hyperparameters()
         # Plain data in hparams, as LightningCLI stores them: checkpoints then load with
         # torch.load(weights_only=True) (Lightning's default) whatever schedule class was used.
@@ -335,13 +341,23 @@ class MaskedDiffusionLM(TextGeneration, pl.LightningModule):
             connect(self.template, self.max_length)
 
     # ------------------------------------------------------------- training
+    def _drop_prompts(self, r: dict, keys: torch.Tensor, seed: int, step: int) -> torch.Tensor:
+        """``input_ids`` with the whole prompt of a ``prompt_dropout`` share of the examples replaced by
+        [MASK] (one draw per example, keyed like the masks, so ranks and resumes draw the same)."""
+        u = counter_uniform_at(stable_seed(seed, "prompt_dropout"), step, keys, torch.zeros_like(keys))
+        prompt = (r["attention_mask"] > 0) & ~r["loss_mask"].bool() & (keys >= 0)
+        return r["input_ids"].masked_fill(prompt & (u < self.hparams.prompt_dropout), self.mask_id)
+
     def _nelbo(self, rows: dict, t: torch.Tensor, seed: int, step: int, keys: torch.Tensor, normalizer=None,
-               num_groups: Optional[int] = None):
+               num_groups: Optional[int] = None, drop_prompts: bool = False):
         """NELBO of some rows of a batch. ``t`` and ``keys`` are per token: the time of the token's
-        example and the global index that keys its mask noise (with its position in the example)."""
+        example and the global index that keys its mask noise (with its position in the example);
+        ``drop_prompts`` applies ``prompt_dropout`` (training only)."""
         # Trim trailing row padding (rows are left-aligned): micro-batches of short rows run on short tensors.
         width = int((rows["attention_mask"] > 0).sum(dim=1).max())
         r = {k: v[:, :width] for k, v in rows.items()}
+        if drop_prompts and self.hparams.get("prompt_dropout", 0.0) > 0:
+            r["input_ids"] = self._drop_prompts(r, keys[:, :width], seed, step)
         packed = bool(r["attention_mask"].max() > 1)
         uniforms = counter_uniform_at(seed, step, keys[:, :width], r["position"])
         return masked_diffusion_nelbo(
@@ -409,7 +425,8 @@ class MaskedDiffusionLM(TextGeneration, pl.LightningModule):
             rows = slice(0, 1) if empty else rows  # a rank with fewer rows still joins the collective
             # Under FSDP the forward runs as the root's forward, so the backward below follows it.
             out = root_forward(self.trainer, lambda rows=rows: self._nelbo(
-                _rows(batch, rows), t[rows], self.hparams.seed, step, keys[rows], normalizer))
+                _rows(batch, rows), t[rows], self.hparams.seed, step, keys[rows], normalizer,
+                drop_prompts=True))
             self.manual_backward(out.loss * 0.0 if empty else out.loss)
             if not empty:
                 weighted += out.weighted_sum
