@@ -13,7 +13,8 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
-from .backbone import ScratchBackbone, SparseHeadDenoiser, load_backbone
+from .adapters import LoraAdapter, PeftOptions, apply_lora
+from .backbone import FAMILIES, ScratchBackbone, SparseHeadDenoiser, load_backbone
 from .callbacks import BatchComposition
 from .chat import ChatTemplate, Conversation, Turn
 from .distributed import check_strategy, root_forward
@@ -219,6 +220,9 @@ class MaskedDiffusionLM(TextGeneration, pl.LightningModule):
         prompt_dropout: share of training examples whose whole prompt is replaced by [MASK] (default 0,
             off), so the model also learns the unconditional distribution that classifier-free guidance
             (``--guidance``) contrasts against.
+        peft: parameter-efficient fine-tuning (:class:`~diffusion_lm.adapters.PeftOptions`, e.g.
+            ``{method: lora, r: 8}``): LoRA adapters train, the backbone stays frozen; checkpoints then
+            hold only what trains (and what reloading the backbone would not reproduce) plus the config.
     """
 
     def __init__(
@@ -243,6 +247,7 @@ class MaskedDiffusionLM(TextGeneration, pl.LightningModule):
         health_check: bool = True,
         max_nonfinite_steps: int = 10,
         prompt_dropout: float = 0.0,
+        peft: Optional[PeftOptions] = None,
     ) -> None:
         super().__init__()
         if isinstance(schedule, dict):  # a checkpoint's hparams (see below) or a class_path mapping
@@ -263,6 +268,9 @@ class MaskedDiffusionLM(TextGeneration, pl.LightningModule):
             self.hparams["backbone"] = dataclasses.asdict(self.hparams["backbone"])
         if isinstance(self.hparams.get("schedule"), NoiseSchedule):
             self.hparams["schedule"] = self.hparams["schedule"].to_config()
+        peft_options = PeftOptions.coerce(peft) if peft is not None else None  # checked before loading
+        if peft_options is not None:
+            self.hparams["peft"] = dataclasses.asdict(peft_options)
         self.automatic_optimization = False
         self.schedule = schedule or LogLinearSchedule()
         loaded = load_backbone(backbone, attn_implementation=attn_implementation)
@@ -271,6 +279,10 @@ class MaskedDiffusionLM(TextGeneration, pl.LightningModule):
         if gradient_checkpointing:
             loaded.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.net = SparseHeadDenoiser(loaded.model, self.template.mask_id)
+        self.adapter: Optional[LoraAdapter] = None
+        self._frozen_keys: frozenset[str] = frozenset()
+        if peft_options is not None:
+            self._apply_peft(peft_options, loaded)
         self.val_metrics = LanguageNelbo()  # per-language NELBO, languages as the data brings them
         self.test_metrics = LanguageNelbo()
         # an export folder's metadata (set by loading.load_exported)
@@ -296,6 +308,44 @@ class MaskedDiffusionLM(TextGeneration, pl.LightningModule):
         if any(issubclass(t, MLMHealthCheck) for t in present):
             return out
         return out + [MLMHealthCheck()]
+
+    # ----------------------------------------------------------------- parameter-efficient fine-tuning
+    def _apply_peft(self, options: PeftOptions, loaded) -> None:
+        """Inject the adapters, freeze the rest, and note which frozen tensors checkpoints can leave out
+        (those the backbone's own files reproduce; a model built from a config has none)."""
+        model = loaded.model
+        family = FAMILIES.get(getattr(model.config, "model_type", ""))
+        fresh = loaded.fresh_head or not isinstance(self.hparams.get("backbone"), str)
+        train_head = fresh if options.train_head is None else bool(options.train_head)
+        self.adapter = apply_lora(model, options, family.head_prefixes if family else (), train_head)
+        trainable = {p.data_ptr() for p in self.parameters() if p.requires_grad}
+        new = {k.replace(".base_layer.", ".") for k in loaded.new_weights}
+        self._frozen_keys = frozenset(
+            k for k, v in super().state_dict(keep_vars=True).items()
+            if k.startswith("net.model.") and v.data_ptr() not in trainable
+            and k[len("net.model."):].replace(".base_layer.", ".") not in new
+        )
+
+    def state_dict(self, *args: Any, destination=None, prefix: str = "", keep_vars: bool = False):
+        """The module's state; with ``model.peft``, without the frozen backbone tensors that reloading
+        the backbone reproduces (checkpoints hold what trains, plus the config)."""
+        out = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        for key in getattr(self, "_frozen_keys", ()):
+            out.pop(prefix + key, None)
+        return out
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As ``nn.Module.load_state_dict``; with ``model.peft`` the frozen backbone tensors a checkpoint
+        leaves out keep the values the backbone was loaded with (any other missing key is an error)."""
+        if getattr(self, "_frozen_keys", None):
+            own = super().state_dict()
+            state_dict = {**{k: own[k] for k in self._frozen_keys if k not in state_dict}, **state_dict}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, total)`` parameter counts (tied tensors counted once)."""
+        params = list(self.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
     # ----------------------------------------------------------------- resuming
     def on_load_checkpoint(self, checkpoint: dict) -> None:

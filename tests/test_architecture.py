@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "diffusion_lm"
 LAYERS = [
     ("plain", ["errors", "version", "files", "seeding", "denoiser", "schedules", "objective", "metrics",
                "chat", "sampling"]),
-    ("model parts", ["backbone", "checkpoint_io", "resume", "preemption", "distributed", "data"]),
+    ("model parts", ["backbone", "adapters", "checkpoint_io", "resume", "preemption", "distributed", "data"]),
     ("model", ["module", "callbacks", "health", "ema"]),
     ("library", ["loading", "export", "pipeline", "serve", "__init__"]),
     ("commands", ["cli", "__main__"]),
