@@ -10,7 +10,7 @@ with ``c_t`` the continuation with each token masked with probability ``1 - alph
 (MDLM, section 3.2), and written in the number ``l`` of masked tokens of an ``L``-token continuation it
 reads (LLaDA, eq. 6)
 
-    log p(c | x) >= E_{l ~ U{1..L}} E_{l positions} [ (L / l) * sum over masked i of log p_theta(c_i | x, c_l) ]
+    log p(c | x) >= E_{l ~ U{1..L}} E_{l positions} [ (L / l) * sum_{masked i} log p_theta(c_i | x, c_l) ]
 
 which has a much lower variance than drawing a Bernoulli mask per token at a time ``t``: at small
 ``t`` that masks almost nothing and weighs it by ``1/t``. :func:`continuation_elbo` averages

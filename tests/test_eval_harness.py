@@ -149,10 +149,11 @@ def test_registered_name_and_a_local_multiple_choice_task_through_the_command(tr
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "results.json"
     main(["eval", "--model", str(trained_checkpoint), "--tasks", "diffusion_lm_toy_mc", "--mc_samples", "8",
-          "--output", str(out)])
+          "--builtin_tasks", "false", "--output", str(out)])
     results = json.loads(out.read_text(encoding="utf-8"))["results"]["diffusion_lm_toy_mc"]
     assert 0.0 <= results["acc,none"] <= 1.0 and 0.0 <= results["acc_norm,none"] <= 1.0
     assert "diffusion_lm_toy_mc" in capsys.readouterr().out  # lm_eval's table
     with pytest.raises(SystemExit):
-        main(["eval", "--model", str(trained_checkpoint), "--tasks", "no_such_task"])
+        main(["eval", "--model", str(trained_checkpoint), "--tasks", "no_such_task",
+              "--builtin_tasks", "false"])
     assert "--tasks" in capsys.readouterr().err
