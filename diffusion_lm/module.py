@@ -386,6 +386,10 @@ class MaskedDiffusionLM(TextGeneration, pl.LightningModule):
         """Hand the data module the model's chat template and sequence limit (``connect``), so the data,
         the sampler and export share one template; the data never reads the Trainer's model."""
         check_strategy(self.trainer.strategy)
+        if self.adapter is not None and isinstance(self.trainer.strategy, FSDPStrategy):
+            raise ConfigError("model.peft: LoRA training under FSDP is not supported (frozen and trainable "
+                              "tensors would share flat shards); use DDP (--trainer.strategy=ddp): only the "
+                              "adapters' gradients are synchronised")
         connect = getattr(getattr(self.trainer, "datamodule", None), "connect", None)
         if callable(connect):
             connect(self.template, self.max_length)
