@@ -150,9 +150,11 @@ def test_lora_trains_only_adapters_its_loss_falls_and_exports_merge_exactly(fold
 def test_fresh_head_is_checkpointed_and_resume_continues(folders, data_file, tmp_path):
     folder = folders("t5")
     pl.seed_everything(0)
-    model = MaskedDiffusionLM(str(folder), peft=LORA, learning_rate=1e-2, warmup_steps=1, canvas_length=16,
-                              health_check=False)
-    _trainer(tmp_path, 2, limit_val_batches=0).fit(model, _data(data_file))
+    model = MaskedDiffusionLM(str(folder), peft=LORA, learning_rate=1e-2, warmup_steps=1, canvas_length=16)
+    trainer = _trainer(tmp_path, 2, limit_val_batches=0)
+    trainer.fit(model, _data(data_file))
+    health = next(cb for cb in trainer.callbacks if type(cb).__name__ == "MLMHealthCheck")
+    assert health.report is not None and not health.report.healthy  # the check ran: FRIDA-like, no MLM head
     saved = read_checkpoint_file(str(tmp_path / "last.ckpt"))["state_dict"]
     assert any(".lm_head.dense." in k for k in saved) and any(".lora_" in k for k in saved)
     assert not any(k.endswith("encoder.block.0.layer.0.SelfAttention.q.base_layer.weight") for k in saved)
