@@ -133,3 +133,35 @@ def test_prompt_dropout_masks_whole_prompts_of_a_share_of_examples(tiny_backbone
     assert torch.equal(out[:, 3:], ids[:, 3:])  # answers and padding untouched
     assert 0.4 < dropped.float().mean() < 0.6
     assert torch.equal(out, model._drop_prompts(r, keys, seed=0, step=5))  # keyed, not global RNG
+
+
+def test_training_with_prompt_dropout_feeds_masked_prompts(tiny_backbone, messages_jsonl):
+    import lightning.pytorch as pl
+
+    from diffusion_lm import DataSource, DialogDataModule
+    from diffusion_lm.data import CanvasPolicy
+
+    def first_tokens(dropout: float) -> torch.Tensor:
+        pl.seed_everything(0)
+        model = MaskedDiffusionLM(backbone=tiny_backbone, prompt_dropout=dropout, warmup_steps=0,
+                                  health_check=False)
+        seen = []
+        forward = model.net.forward
+
+        def recording(ids, attn, query, packed=None):
+            seen.append(ids[:, :2].clone())  # BOS and the user header: always prompt
+            return forward(ids, attn, query, packed=packed)
+
+        model.net.forward = recording
+        data = DialogDataModule([DataSource(str(messages_jsonl), format="messages", language="en",
+                                            val_size=0)], batch_size=8, max_length=96,
+                                canvas=CanvasPolicy(length=16))
+        trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False,
+                             enable_progress_bar=False, enable_model_summary=False,
+                             enable_checkpointing=False, limit_val_batches=0)
+        trainer.fit(model, data)
+        return torch.cat(seen), model.mask_id
+
+    dropped, mask_id = first_tokens(0.5)
+    kept, _ = first_tokens(0.0)
+    assert (dropped == mask_id).any() and not (kept == mask_id).any()

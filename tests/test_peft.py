@@ -178,3 +178,24 @@ def test_cli_fit_with_lora_and_an_adapter_export_of_a_scratch_model_is_refused(t
     with pytest.raises(SystemExit):
         main(["export", "--ckpt_path", str(ckpt), "--output_dir", str(tmp_path / "x"), "--merge", "false"])
     assert "--merge false" in capsys.readouterr().err
+
+
+def test_ema_of_a_lora_model_averages_the_adapters_and_exports(folders, data_file, tmp_path):
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    pl.seed_everything(0)
+    model = MaskedDiffusionLM(str(folders("bert")), peft=LORA, learning_rate=1e-2, warmup_steps=1,
+                              canvas_length=16, health_check=False)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=4, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, use_distributed_sampler=False, default_root_dir=tmp_path,
+                         limit_val_batches=0, callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True),
+                                                         EMAWeightAveraging(decay=0.5)])
+    trainer.fit(model, _data(data_file))
+    state = read_checkpoint_file(str(tmp_path / "last.ckpt"))
+    average, current = state["state_dict"], state["current_model_state"]
+    assert average.keys() == current.keys() and all(".lora_" in k for k in average)
+    key = next(k for k in average if ".lora_B." in k)
+    assert not torch.equal(average[key], current[key])
+    out = export_checkpoint(tmp_path / "last.ckpt", tmp_path / "ema")
+    hf, _ = load_hf_export(out)
+    assert not any("lora" in k for k in hf.state_dict())
