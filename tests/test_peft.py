@@ -158,6 +158,16 @@ def test_fresh_head_is_checkpointed_and_resume_continues(folders, data_file, tmp
     saved = read_checkpoint_file(str(tmp_path / "last.ckpt"))["state_dict"]
     assert any(".lm_head.dense." in k for k in saved) and any(".lora_" in k for k in saved)
     assert not any(k.endswith("encoder.block.0.layer.0.SelfAttention.q.base_layer.weight") for k in saved)
+    # T5 has no mask token: the added embedding row is random at load time, so the embeddings are kept
+    assert "net.model.shared.weight" in saved
+    ids = torch.tensor([model.prompt_ids("Hello there") + [model.mask_id] * 3])
+    attn, query = torch.ones_like(ids), ids == model.mask_id
+    expected = model.eval().denoise(ids, attn, query)
+    reloaded = load_checkpoint(tmp_path / "last.ckpt")
+    assert torch.allclose(reloaded.denoise(ids, attn, query), expected, atol=1e-5)
+    for merge in (True, False):
+        folder_out = export_checkpoint(tmp_path / "last.ckpt", tmp_path / f"export-{merge}", merge=merge)
+        assert torch.allclose(load_exported(folder_out).denoise(ids, attn, query), expected, atol=1e-4)
     resumed = MaskedDiffusionLM(str(folder), peft=LORA, learning_rate=1e-2, warmup_steps=1, canvas_length=16,
                                 health_check=False)
     trainer = _trainer(tmp_path / "more", 4, limit_val_batches=0)
