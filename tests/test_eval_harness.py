@@ -97,6 +97,7 @@ QA = {"What is 2+2?": "Four.", "Как дела?": "Хорошо.", "Hello there
 @pytest.fixture(scope="module")
 def trained_checkpoint(tmp_path_factory) -> Path:
     """A tiny model trained until it answers four one-word dialogs (about 120 steps)."""
+    pytest.importorskip("lm_eval")  # only the adapter's tests use it
     root = tmp_path_factory.mktemp("qa")
     rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
             for q, a in QA.items()] * 8

@@ -4,19 +4,23 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Optional
 
 from ..errors import ConfigError
 from .common import open_output
 
-__all__ = ["eval_command"]
+__all__ = ["BUNDLED_TASKS", "eval_command"]
+
+# The repository's local task YAMLs (their data paths are relative to the repository root).
+BUNDLED_TASKS = os.path.join("evals", "tasks")
 
 
 def eval_command(
     model: str,
     tasks: list[str],
-    include_path: Optional[str] = "evals/tasks",
+    include_path: Optional[str] = None,
     builtin_tasks: bool = True,
     mc_samples: int = 64,
     seed: int = 1234,
@@ -38,7 +42,8 @@ def eval_command(
     Args:
         model: a .ckpt checkpoint of `diffusion-lm fit` or a `diffusion-lm export` folder.
         tasks: lm_eval task names (repeat the flag for several).
-        include_path: a folder of extra task YAMLs (default: the repository's evals/tasks; null: none).
+        include_path: a folder of extra task YAMLs (default: the repository's evals/tasks when run from
+            the repository root).
         builtin_tasks: also index lm_eval's own task collection (thousands of YAMLs: false starts faster
             when only --include_path tasks are run).
         mc_samples: Monte-Carlo draws per log-likelihood request.
@@ -65,6 +70,10 @@ def eval_command(
 
     lm = DiffusionLMEval(model, mc_samples=mc_samples, seed=seed, format=format, batch_size=batch_size,
                          device=device)
+    if include_path is None and os.path.isdir(BUNDLED_TASKS):
+        include_path = BUNDLED_TASKS
+    if include_path is not None and not os.path.isdir(include_path):
+        raise ConfigError(f"--include_path {include_path!r}: no such folder of task YAMLs")
     if not include_path and not builtin_tasks:
         raise ConfigError("--builtin_tasks false needs --include_path: there would be no task to run")
     manager = TaskManager(include_path=include_path or None, include_defaults=builtin_tasks)
