@@ -209,3 +209,27 @@ def test_ema_of_a_lora_model_averages_the_adapters_and_exports(folders, data_fil
     out = export_checkpoint(tmp_path / "last.ckpt", tmp_path / "ema")
     hf, _ = load_hf_export(out)
     assert not any("lora" in k for k in hf.state_dict())
+
+
+def test_adapters_alone_lower_the_loss_of_a_pretrained_backbone(folders, data_file, tmp_path):
+    # "Pretraining": a few full fine-tuning steps give the tiny backbone some MLM ability to adapt.
+    pl.seed_everything(0)
+    base = MaskedDiffusionLM(str(folders("modernbert")), learning_rate=1e-2, warmup_steps=1,
+                             lr_schedule="constant", canvas_length=16, health_check=False)
+    _trainer(tmp_path / "pre", 40, limit_val_batches=0).fit(base, _data(data_file))
+    base.net.model.save_pretrained(tmp_path / "pretrained")
+    base.tokenizer.save_pretrained(tmp_path / "pretrained")
+    qa = {"What is 2+2?": "Four.", "Как дела?": "Хорошо.", "Hello there": "Hi!", "Что нового?": "Ничего."}
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            for q, a in qa.items()] * 6
+    data = _data(write_jsonl(tmp_path / "qa.jsonl", rows), val_size=4)
+    pl.seed_everything(0)
+    model = MaskedDiffusionLM(str(tmp_path / "pretrained"), peft=dict(LORA, r=8, alpha=32.0),
+                              learning_rate=1e-2, warmup_steps=1, lr_schedule="constant", canvas_length=16,
+                              health_check=False)
+    assert all(".lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    trainer = _trainer(tmp_path / "lora", 40, limit_val_batches=1, val_check_interval=40,
+                       check_val_every_n_epoch=None, num_sanity_val_steps=0, inference_mode=False)
+    start = trainer.validate(model, data, verbose=False)[0]["val/nelbo"]
+    trainer.fit(model, data)
+    assert trainer.callback_metrics["val/nelbo"].item() < start - 0.3
