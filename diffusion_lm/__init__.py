@@ -1,10 +1,12 @@
 """diffusion_lm: turn pretrained BERT-like encoders into masked-diffusion text generators."""
 
+from .adapters import PeftOptions
 from .backbone import Backbone, LoadedBackbone, ScratchBackbone, SparseHeadDenoiser, load_backbone
 from .data import CanvasPolicy, ChatTemplate, Conversation, DataSource, DialogDataModule, Turn
 from .errors import ConfigError
 from .export import export_checkpoint, export_model
 from .health import MLMHealthCheck, mlm_health
+from .likelihood import continuation_elbo
 from .loading import load_exported, load_model
 from .module import MaskedDiffusionLM
 from .objective import masked_diffusion_nelbo
@@ -26,11 +28,13 @@ __all__ = [
     "MLMHealthCheck",
     "MaskedDiffusionLM",
     "NoiseSchedule",
+    "PeftOptions",
     "PolynomialSchedule",
     "SamplerConfig",
     "ScratchBackbone",
     "SparseHeadDenoiser",
     "Turn",
+    "continuation_elbo",
     "export_checkpoint",
     "export_model",
     "generate",

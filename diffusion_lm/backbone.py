@@ -96,6 +96,9 @@ class LoadedBackbone:
         model: the Hugging Face masked LM (in train mode; its config has pad/eos/bos/mask ids).
         tokenizer: its tokenizer, with the mask, pad and end tokens the framework needs.
         fresh_head: True when the checkpoint had no MLM head (e.g. FRIDA), so the head is untrained.
+        new_weights: state-dict keys of ``model`` that loading the same spec again would not reproduce
+            (a fresh head, embedding rows of added tokens; every key of a model built from a config):
+            a checkpoint of a model that freezes the rest (``model.peft``) must still hold them.
 
     It unpacks as ``model, tokenizer = load_backbone(...)``.
     """
@@ -103,6 +106,7 @@ class LoadedBackbone:
     model: nn.Module
     tokenizer: Any
     fresh_head: bool = False
+    new_weights: tuple[str, ...] = ()
 
     def __iter__(self):
         return iter((self.model, self.tokenizer))
@@ -488,7 +492,7 @@ def _build_scratch(spec: ScratchBackbone, attn_implementation: Optional[str]):
         f"scratch {spec.model_type}",
     )
     ensure_special_tokens(tokenizer, model)
-    return LoadedBackbone(model, tokenizer)
+    return LoadedBackbone(model, tokenizer, new_weights=tuple(model.state_dict()))
 
 
 def _warn_fresh_head(spec: str, model: nn.Module, missing: list[str]) -> bool:
@@ -562,12 +566,26 @@ def load_backbone(
                 f"Supported families: {', '.join(sorted(FAMILIES))} (see docs/models.md)."
             ) from err
         raise
-    fresh_head = _warn_fresh_head(spec, model, list(info.get("missing_keys", [])))
+    missing = list(info.get("missing_keys", []))
+    fresh_head = _warn_fresh_head(spec, model, missing)
+    rows = model.get_input_embeddings().num_embeddings
     ensure_special_tokens(tokenizer, model)
+    if model.get_input_embeddings().num_embeddings != rows:  # added tokens: new (random) embedding rows
+        missing += _embedding_keys(model)
     # from_pretrained returns eval mode; Lightning keeps submodule modes as found, so a hub backbone
     # would fine-tune with its dropout silently off. Callers switch to eval for inference.
     model.train()
-    return LoadedBackbone(model, tokenizer, fresh_head)
+    return LoadedBackbone(model, tokenizer, fresh_head, tuple(dict.fromkeys(missing)))
+
+
+def _embedding_keys(model: nn.Module) -> list[str]:
+    """State-dict keys of the input and output embedding tensors (tied copies included)."""
+    out = model.get_output_embeddings()
+    tensors = [model.get_input_embeddings().weight] + ([] if out is None else [out.weight])
+    if out is not None and getattr(out, "bias", None) is not None:
+        tensors.append(out.bias)
+    ptrs = {t.data_ptr() for t in tensors}
+    return [k for k, v in model.state_dict().items() if v.data_ptr() in ptrs]
 
 
 # ----------------------------------------------------------------------------- the denoiser module

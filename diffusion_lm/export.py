@@ -17,6 +17,7 @@ checkpoints or the export's own source.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -29,6 +30,7 @@ from typing import Any, Literal, Optional, Sequence, Union
 
 import torch
 
+from .adapters import adapter_state, merged_copy
 from .backbone import describe
 from .chat import DEFAULT_LANGUAGES
 from .checkpoint_io import read_checkpoint_file
@@ -37,6 +39,7 @@ from .errors import ConfigError
 from .files import fsync_dir, publish_folder
 # The folder format is loading's; load_exported and read_diffusion_config stay importable from here.
 from .loading import (
+    ADAPTER_BASE_WEIGHTS,
     DIFFUSION_CONFIG,
     FORMAT_VERSION,
     load_checkpoint,
@@ -120,6 +123,13 @@ def diffusion_config(model, *, weights: str = "current", data_summary: Optional[
         },
         "data": _jsonable(data_summary or {}),
     }
+
+
+def _peft_section(model, merged: bool) -> Optional[dict]:
+    """``diffusion_config.json``'s ``peft`` entry: the LoRA options and whether the export merged them."""
+    if getattr(model, "adapter", None) is None:
+        return None
+    return {"merged": merged, "options": _jsonable(model.adapter.options)}
 
 
 def _model_card(cfg: dict) -> str:
@@ -257,7 +267,8 @@ def _atomic_write(target: Path, overwrite: bool, write, protect: Sequence[Path] 
 
 @torch.no_grad()
 def _verify(folder: Path, model, dtype: Optional[torch.dtype]) -> None:
-    """Reload the written folder with ``AutoModelForMaskedLM`` and compare logits on a short prompt."""
+    """Reload the written folder with ``AutoModelForMaskedLM`` and compare logits on a short prompt (a
+    merged LoRA model against the unmerged one: merging rounds differently, hence a looser tolerance)."""
     hf = model.net.model
     param = next(hf.parameters())
     saved_dtype = dtype or param.dtype
@@ -280,6 +291,8 @@ def _verify(folder: Path, model, dtype: Optional[torch.dtype]) -> None:
     exact = saved_dtype == param.dtype == torch.float32 and param.device.type == "cpu"
     scale = float(expected.abs().max().clamp_min(1.0))
     atol, rtol = (1e-4, 1e-4) if exact else (5e-2 * scale, 5e-2)
+    if exact and getattr(model, "adapter", None) is not None:
+        atol, rtol = 1e-4 * scale, 1e-3
     if got.shape != expected.shape or not torch.allclose(got, expected, atol=atol, rtol=rtol):
         same = got.shape == expected.shape
         diff = (got - expected).abs().max().item() if same else f"shape {tuple(got.shape)}"
@@ -299,6 +312,7 @@ def export_model(
     dtype: Optional[torch.dtype] = None,
     verify: bool = True,
     protect: Sequence[Union[str, Path]] = (),
+    merge: bool = True,
 ) -> Path:
     """Write ``model`` (a :class:`~diffusion_lm.MaskedDiffusionLM`) to ``output_dir`` atomically.
 
@@ -311,11 +325,20 @@ def export_model(
         dtype: save the weights in this dtype (default: as they are, usually float32).
         verify: reload the folder with ``AutoModelForMaskedLM`` and compare logits before publishing it.
         protect: files that must survive (the source checkpoint): a folder holding one is never replaced.
+        merge: for a model with LoRA adapters (``model.peft``): fold them into the weights and write a
+            plain Hugging Face folder (default), or keep them as a ``peft`` adapter folder
+            (:func:`_export_adapter`).
 
     ``overwrite`` replaces an earlier export only, never a folder holding ``*.ckpt`` checkpoints.
     """
-    hf_model = model.net.model
+    if getattr(model, "adapter", None) is not None and not merge:
+        return _export_adapter(model, output_dir, overwrite=overwrite, weights=weights,
+                               data_summary=data_summary, global_step=global_step, verify=verify,
+                               protect=protect)
+    hf_model = model.net.model if getattr(model, "adapter", None) is None else merged_copy(model.net.model)
     cfg = diffusion_config(model, weights=weights, data_summary=data_summary, global_step=global_step)
+    if getattr(model, "adapter", None) is not None:
+        cfg["peft"] = _peft_section(model, merged=True)
 
     def write(tmp: Path) -> None:
         state = None
@@ -340,6 +363,66 @@ def export_model(
     return target
 
 
+def _export_adapter(model, output_dir, *, overwrite: bool, weights: str, data_summary: Optional[dict],
+                    global_step: Optional[int], verify: bool, protect: Sequence[Union[str, Path]]) -> Path:
+    """``export --merge false``: a ``peft`` adapter folder over the model's backbone.
+
+    ``adapter_config.json`` + ``adapter_model.safetensors`` (what ``peft.PeftModel.from_pretrained``
+    reads, ``base_model_name_or_path`` = the backbone), ``trained_base_weights.safetensors`` (the
+    non-adapter tensors that trained or are new: a trained or fresh head, added token rows; load them
+    into the base model first), the tokenizer, ``diffusion_config.json`` and the model card.
+    """
+    from safetensors.torch import save_file
+
+    base = model.hparams.get("backbone")
+    if not isinstance(base, str):
+        raise ConfigError("--merge false: the backbone was built from a config, so there is no base model "
+                          "to put the adapters on; export with --merge true")
+    cfg = diffusion_config(model, weights=weights, data_summary=data_summary, global_step=global_step)
+    cfg["peft"] = _peft_section(model, merged=False)
+    hf_model = model.net.model
+    frozen = {k[len("net.model."):] for k in model._frozen_keys}
+    extra = {k: v.detach().clone().contiguous() for k, v in hf_model.state_dict().items()
+             if k not in frozen and "lora_" not in k}
+    extra = {k.replace(".base_layer.", "."): v for k, v in extra.items()}
+
+    def write(tmp: Path) -> None:
+        config = copy.deepcopy(model.adapter.config)
+        config.base_model_name_or_path = base
+        config.save_pretrained(str(tmp))
+        save_file(adapter_state(hf_model), str(tmp / "adapter_model.safetensors"))
+        save_file(extra, str(tmp / ADAPTER_BASE_WEIGHTS))
+        model.tokenizer.save_pretrained(tmp)
+        (tmp / DIFFUSION_CONFIG).write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n",
+                                            encoding="utf-8")
+        (tmp / "README.md").write_text(_model_card(cfg), encoding="utf-8")
+        if verify:
+            _verify_adapter(tmp, model)
+
+    target = _atomic_write(Path(output_dir), overwrite, write, protect=protect)
+    log.info("exported %s adapter weights to %s", weights, target)
+    return target
+
+
+@torch.no_grad()
+def _verify_adapter(folder: Path, model) -> None:
+    """Reload an adapter folder through :func:`~diffusion_lm.loading.load_exported` and compare logits."""
+    reloaded = load_exported(folder)
+    ids = torch.tensor([model.prompt_ids("Hello! Привет!")[:32]])
+    mask, query = torch.ones_like(ids), torch.ones_like(ids, dtype=torch.bool)
+    was_training = model.training
+    model.eval()
+    try:
+        param = next(model.parameters())
+        expected = model.denoise(ids.to(param.device), mask.to(param.device), query.to(param.device)).cpu()
+    finally:
+        model.train(was_training)
+    got = reloaded.denoise(ids, mask, query)
+    if not torch.allclose(got, expected, atol=1e-4 * float(expected[expected.isfinite()].abs().max()),
+                          rtol=1e-3):
+        raise RuntimeError("export check: logits of the reloaded adapter folder differ from the model's")
+
+
 def _data_summary(checkpoint: dict) -> dict:
     """The data module's summary from a Lightning checkpoint (saved by ``DialogDataModule.state_dict``)."""
     state = checkpoint.get("DialogDataModule")
@@ -359,6 +442,7 @@ def export_checkpoint(
     overwrite: bool = False,
     dtype: Optional[torch.dtype] = None,
     verify: bool = True,
+    merge: bool = True,
 ) -> Path:
     """Export a Lightning checkpoint of :class:`~diffusion_lm.MaskedDiffusionLM`: a ``.ckpt`` file, or
     the folder of a sharded FSDP checkpoint (read with
@@ -366,7 +450,7 @@ def export_checkpoint(
 
     With Lightning's ``EMAWeightAveraging`` the checkpoint's ``state_dict`` holds the averaged
     weights and ``current_model_state`` the raw ones; ``weights="auto"`` exports the EMA weights
-    when present, ``current`` the raw ones, ``ema`` insists on EMA.
+    when present, ``current`` the raw ones, ``ema`` insists on EMA. ``merge``: see :func:`export_model`.
     """
     ckpt_path = str(ckpt_path)
     sharded = os.path.isdir(ckpt_path)  # FSDP with state_dict_type: sharded writes a folder
@@ -391,4 +475,4 @@ def export_checkpoint(
         model.load_state_dict(current_state)
     label = "ema" if has_ema and current_state is None else "current"
     return export_model(model, output_dir, overwrite=overwrite, weights=label, data_summary=summary,
-                        global_step=global_step, dtype=dtype, verify=verify, protect=[ckpt_path])
+                        global_step=global_step, dtype=dtype, verify=verify, protect=[ckpt_path], merge=merge)

@@ -31,6 +31,7 @@ from .module import MaskedDiffusionLM
 from .schedules import NoiseSchedule
 
 __all__ = [
+    "ADAPTER_BASE_WEIGHTS",
     "DIFFUSION_CONFIG",
     "FORMAT_VERSION",
     "is_export",
@@ -49,6 +50,8 @@ __all__ = [
 
 DIFFUSION_CONFIG = "diffusion_config.json"
 FORMAT_VERSION = 1
+# In an adapter export (`export --merge false`): the non-adapter tensors that trained or are new.
+ADAPTER_BASE_WEIGHTS = "trained_base_weights.safetensors"
 
 DevicePath = Union[str, torch.device]
 
@@ -97,14 +100,13 @@ def load_exported(path: Union[str, Path], map_location: DevicePath = "cpu",
     path = str(path)
     cfg = read_diffusion_config(path)
     tpl = cfg["chat_template"]
-    model = MaskedDiffusionLM(
-        backbone=path,
-        schedule=NoiseSchedule.from_config(cfg["schedule"]),
-        role_headers=tpl.get("role_headers"),
-        canvas_length=int(cfg["sampler"]["canvas_length"]),
-        attn_implementation=attn_implementation,
-        health_check=False,
-    )
+    common = dict(schedule=NoiseSchedule.from_config(cfg["schedule"]), role_headers=tpl.get("role_headers"),
+                  canvas_length=int(cfg["sampler"]["canvas_length"]), attn_implementation=attn_implementation,
+                  health_check=False)
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):
+        model = _load_adapter_export(path, cfg, common)
+    else:
+        model = MaskedDiffusionLM(backbone=path, **common)
     if not tpl.get("add_bos", True):
         model.template = ChatTemplate(model.tokenizer, role_headers=tpl.get("role_headers"), add_bos=False)
     got = {"mask_id": model.template.mask_id, "eos_id": model.template.eos_id,
@@ -115,6 +117,32 @@ def load_exported(path: Union[str, Path], map_location: DevicePath = "cpu",
                           f"{wanted}; the folder's tokenizer files were changed after export")
     model.diffusion_config = cfg
     return model.to(map_location).eval()
+
+
+def _load_adapter_export(path: str, cfg: dict, common: dict) -> MaskedDiffusionLM:
+    """An ``export --merge false`` folder: the base backbone it names, its trained non-adapter tensors,
+    then the LoRA adapters."""
+    from safetensors.torch import load_file
+
+    from .adapters import load_adapter_state
+
+    base = (cfg.get("training", {}).get("backbone") or {}).get("name_or_path")
+    options = (cfg.get("peft") or {}).get("options")
+    if not isinstance(base, str) or options is None:
+        raise ConfigError(f"{path}: an adapter folder whose {DIFFUSION_CONFIG} names no base backbone or "
+                          "LoRA options; export it again")
+    model = MaskedDiffusionLM(backbone=base, peft=options, **common)
+    hf = model.net.model
+    extra = load_file(os.path.join(path, ADAPTER_BASE_WEIGHTS))
+    # The adapter layers moved each adapted Linear's weight under `.base_layer.`.
+    names = {k.replace(".base_layer.", "."): k for k in hf.state_dict()}
+    unknown = [k for k in extra if k not in names]
+    if unknown:
+        raise ConfigError(f"{path}: {ADAPTER_BASE_WEIGHTS} holds tensors the base model {base!r} does not "
+                          f"have (e.g. {unknown[0]})")
+    hf.load_state_dict({names[k]: v for k, v in extra.items()}, strict=False)
+    load_adapter_state(hf, load_file(os.path.join(path, "adapter_model.safetensors")))
+    return model
 
 
 def load_hf_export(folder: Union[str, Path], dtype: Optional[torch.dtype] = None):

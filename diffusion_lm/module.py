@@ -13,7 +13,8 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
-from .backbone import ScratchBackbone, SparseHeadDenoiser, load_backbone
+from .adapters import LoraAdapter, PeftOptions, apply_lora
+from .backbone import FAMILIES, ScratchBackbone, SparseHeadDenoiser, load_backbone
 from .callbacks import BatchComposition
 from .chat import ChatTemplate, Conversation, Turn
 from .distributed import check_strategy, root_forward
@@ -59,6 +60,8 @@ def check_options(**options: Any) -> None:
                      "must be in (0, 1), e.g. 1e-3 (the 1/t weight is infinite at t = 0)"),
         "canvas_length": (lambda v: v >= 1, "must be >= 1"),
         "max_nonfinite_steps": (lambda v: v >= 1, "must be >= 1"),
+        "prompt_dropout": (lambda v: 0 <= v < 1,
+                           "must be in [0, 1) (share of training examples whose prompt is masked)"),
     }
     for name, value in options.items():
         ok, what = rules[name]
@@ -214,6 +217,12 @@ class MaskedDiffusionLM(TextGeneration, pl.LightningModule):
         max_nonfinite_steps: an optimizer step whose loss or gradient norm is not finite is skipped
             (weights unchanged) and counted as ``train/skipped_steps``; after this many in a row the
             run stops with an error naming the step and the last good checkpoint.
+        prompt_dropout: share of training examples whose whole prompt is replaced by [MASK] (default 0,
+            off), so the model also learns the unconditional distribution that classifier-free guidance
+            (``--guidance``) contrasts against.
+        peft: parameter-efficient fine-tuning (:class:`~diffusion_lm.adapters.PeftOptions`, e.g.
+            ``{method: lora, r: 8}``): LoRA adapters train, the backbone stays frozen; checkpoints then
+            hold only what trains (and what reloading the backbone would not reproduce) plus the config.
     """
 
     def __init__(
@@ -237,6 +246,8 @@ class MaskedDiffusionLM(TextGeneration, pl.LightningModule):
         canvas_length: int = 64,
         health_check: bool = True,
         max_nonfinite_steps: int = 10,
+        prompt_dropout: float = 0.0,
+        peft: Optional[PeftOptions] = None,
     ) -> None:
         super().__init__()
         if isinstance(schedule, dict):  # a checkpoint's hparams (see below) or a class_path mapping
@@ -249,7 +260,7 @@ class MaskedDiffusionLM(TextGeneration, pl.LightningModule):
         check_options(learning_rate=learning_rate, weight_decay=weight_decay, betas=betas,
                       warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, micro_batch_size=micro_batch_size,
                       gradient_clip_val=gradient_clip_val, time_eps=time_eps, canvas_length=canvas_length,
-                      max_nonfinite_steps=max_nonfinite_steps)
+                      max_nonfinite_steps=max_nonfinite_steps, prompt_dropout=prompt_dropout)
         self.save_hyperparameters()
         # Plain data in hparams, as LightningCLI stores them: checkpoints then load with
         # torch.load(weights_only=True) (Lightning's default) whatever schedule class was used.
@@ -257,6 +268,9 @@ class MaskedDiffusionLM(TextGeneration, pl.LightningModule):
             self.hparams["backbone"] = dataclasses.asdict(self.hparams["backbone"])
         if isinstance(self.hparams.get("schedule"), NoiseSchedule):
             self.hparams["schedule"] = self.hparams["schedule"].to_config()
+        peft_options = PeftOptions.coerce(peft) if peft is not None else None  # checked before loading
+        if peft_options is not None:
+            self.hparams["peft"] = dataclasses.asdict(peft_options)
         self.automatic_optimization = False
         self.schedule = schedule or LogLinearSchedule()
         loaded = load_backbone(backbone, attn_implementation=attn_implementation)
@@ -265,6 +279,10 @@ class MaskedDiffusionLM(TextGeneration, pl.LightningModule):
         if gradient_checkpointing:
             loaded.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.net = SparseHeadDenoiser(loaded.model, self.template.mask_id)
+        self.adapter: Optional[LoraAdapter] = None
+        self._frozen_keys: frozenset[str] = frozenset()
+        if peft_options is not None:
+            self._apply_peft(peft_options, loaded)
         self.val_metrics = LanguageNelbo()  # per-language NELBO, languages as the data brings them
         self.test_metrics = LanguageNelbo()
         # an export folder's metadata (set by loading.load_exported)
@@ -290,6 +308,44 @@ class MaskedDiffusionLM(TextGeneration, pl.LightningModule):
         if any(issubclass(t, MLMHealthCheck) for t in present):
             return out
         return out + [MLMHealthCheck()]
+
+    # ----------------------------------------------------------------- parameter-efficient fine-tuning
+    def _apply_peft(self, options: PeftOptions, loaded) -> None:
+        """Inject the adapters, freeze the rest, and note which frozen tensors checkpoints can leave out
+        (those the backbone's own files reproduce; a model built from a config has none)."""
+        model = loaded.model
+        family = FAMILIES.get(getattr(model.config, "model_type", ""))
+        fresh = loaded.fresh_head or not isinstance(self.hparams.get("backbone"), str)
+        train_head = fresh if options.train_head is None else bool(options.train_head)
+        self.adapter = apply_lora(model, options, family.head_prefixes if family else (), train_head)
+        trainable = {p.data_ptr() for p in self.parameters() if p.requires_grad}
+        new = {k.replace(".base_layer.", ".") for k in loaded.new_weights}
+        self._frozen_keys = frozenset(
+            k for k, v in super().state_dict(keep_vars=True).items()
+            if k.startswith("net.model.") and v.data_ptr() not in trainable
+            and k[len("net.model."):].replace(".base_layer.", ".") not in new
+        )
+
+    def state_dict(self, *args: Any, destination=None, prefix: str = "", keep_vars: bool = False):
+        """The module's state; with ``model.peft``, without the frozen backbone tensors that reloading
+        the backbone reproduces (checkpoints hold what trains, plus the config)."""
+        out = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        for key in getattr(self, "_frozen_keys", ()):
+            out.pop(prefix + key, None)
+        return out
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As ``nn.Module.load_state_dict``; with ``model.peft`` the frozen backbone tensors a checkpoint
+        leaves out keep the values the backbone was loaded with (any other missing key is an error)."""
+        if getattr(self, "_frozen_keys", None):
+            own = super().state_dict()
+            state_dict = {**{k: own[k] for k in self._frozen_keys if k not in state_dict}, **state_dict}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, total)`` parameter counts (tied tensors counted once)."""
+        params = list(self.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
     # ----------------------------------------------------------------- resuming
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -330,18 +386,32 @@ class MaskedDiffusionLM(TextGeneration, pl.LightningModule):
         """Hand the data module the model's chat template and sequence limit (``connect``), so the data,
         the sampler and export share one template; the data never reads the Trainer's model."""
         check_strategy(self.trainer.strategy)
+        if self.adapter is not None and isinstance(self.trainer.strategy, FSDPStrategy):
+            raise ConfigError("model.peft: LoRA training under FSDP is not supported (frozen and trainable "
+                              "tensors would share flat shards); use DDP (--trainer.strategy=ddp): only the "
+                              "adapters' gradients are synchronised")
         connect = getattr(getattr(self.trainer, "datamodule", None), "connect", None)
         if callable(connect):
             connect(self.template, self.max_length)
 
     # ------------------------------------------------------------- training
+    def _drop_prompts(self, r: dict, keys: torch.Tensor, seed: int, step: int) -> torch.Tensor:
+        """``input_ids`` with the whole prompt of a ``prompt_dropout`` share of the examples replaced by
+        [MASK] (one draw per example, keyed like the masks, so ranks and resumes draw the same)."""
+        u = counter_uniform_at(stable_seed(seed, "prompt_dropout"), step, keys, torch.zeros_like(keys))
+        prompt = (r["attention_mask"] > 0) & ~r["loss_mask"].bool() & (keys >= 0)
+        return r["input_ids"].masked_fill(prompt & (u < self.hparams.prompt_dropout), self.mask_id)
+
     def _nelbo(self, rows: dict, t: torch.Tensor, seed: int, step: int, keys: torch.Tensor, normalizer=None,
-               num_groups: Optional[int] = None):
+               num_groups: Optional[int] = None, drop_prompts: bool = False):
         """NELBO of some rows of a batch. ``t`` and ``keys`` are per token: the time of the token's
-        example and the global index that keys its mask noise (with its position in the example)."""
+        example and the global index that keys its mask noise (with its position in the example);
+        ``drop_prompts`` applies ``prompt_dropout`` (training only)."""
         # Trim trailing row padding (rows are left-aligned): micro-batches of short rows run on short tensors.
         width = int((rows["attention_mask"] > 0).sum(dim=1).max())
         r = {k: v[:, :width] for k, v in rows.items()}
+        if drop_prompts and self.hparams.get("prompt_dropout", 0.0) > 0:
+            r["input_ids"] = self._drop_prompts(r, keys[:, :width], seed, step)
         packed = bool(r["attention_mask"].max() > 1)
         uniforms = counter_uniform_at(seed, step, keys[:, :width], r["position"])
         return masked_diffusion_nelbo(
@@ -409,7 +479,8 @@ class MaskedDiffusionLM(TextGeneration, pl.LightningModule):
             rows = slice(0, 1) if empty else rows  # a rank with fewer rows still joins the collective
             # Under FSDP the forward runs as the root's forward, so the backward below follows it.
             out = root_forward(self.trainer, lambda rows=rows: self._nelbo(
-                _rows(batch, rows), t[rows], self.hparams.seed, step, keys[rows], normalizer))
+                _rows(batch, rows), t[rows], self.hparams.seed, step, keys[rows], normalizer,
+                drop_prompts=True))
             self.manual_backward(out.loss * 0.0 if empty else out.loss)
             if not empty:
                 weighted += out.weighted_sum

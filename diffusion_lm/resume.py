@@ -4,7 +4,8 @@ The rules, applied by :class:`~diffusion_lm.MaskedDiffusionLM` when Lightning re
 and checked by the CLI before any data is read:
 
 * **The model's identity must match** (:data:`ARCHITECTURE_KEYS`: the backbone, including a
-  from-scratch config and its tokenizer, the noise schedule and the chat template's role headers).
+  from-scratch config and its tokenizer, the noise schedule, the chat template's role headers and the
+  LoRA options of ``model.peft``).
   A difference is an error naming the key: the weights, the vocabulary or the objective would no
   longer mean what they meant.
 * **Everything else comes from the current config and is applied.** Optimisation options
@@ -26,6 +27,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
+from .adapters import PeftOptions
 from .backbone import ScratchBackbone
 from .chat import DEFAULT_ROLE_HEADERS
 from .checkpoint_io import read_checkpoint_file
@@ -46,7 +48,7 @@ __all__ = [
     "read_checkpoint",
 ]
 
-ARCHITECTURE_KEYS = ("backbone", "schedule", "role_headers")
+ARCHITECTURE_KEYS = ("backbone", "schedule", "role_headers", "peft")
 OPTIMIZER_KEYS = ("learning_rate", "weight_decay", "betas", "warmup_steps", "lr_schedule", "min_lr_ratio")
 
 
@@ -79,6 +81,11 @@ def _normal(key: str, value: Any) -> Any:
         plain = _plain(value)
         if isinstance(plain, dict) and "class_path" in plain:
             return {"class_path": plain["class_path"], "init_args": plain.get("init_args") or {}}
+        return plain
+    if key == "peft" and value is not None:  # LoRA options, defaults filled in
+        plain = _plain(value)
+        if isinstance(plain, dict) and set(plain) <= {f.name for f in dataclasses.fields(PeftOptions)}:
+            return _plain(PeftOptions(**plain))
         return plain
     if key == "role_headers":
         return dict(DEFAULT_ROLE_HEADERS, **(_plain(value) or {}))

@@ -17,10 +17,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "diffusion_lm"
 # Bottom to top; a module may import its own layer and the layers below, never one above.
 LAYERS = [
     ("plain", ["errors", "version", "files", "seeding", "denoiser", "schedules", "objective", "metrics",
-               "chat", "sampling"]),
-    ("model parts", ["backbone", "checkpoint_io", "resume", "preemption", "distributed", "data"]),
+               "chat", "sampling", "likelihood"]),
+    ("model parts", ["backbone", "adapters", "checkpoint_io", "resume", "preemption", "distributed", "data"]),
     ("model", ["module", "callbacks", "health", "ema"]),
-    ("library", ["loading", "export", "pipeline", "serve", "__init__"]),
+    ("library", ["loading", "export", "pipeline", "serve", "eval_harness", "__init__"]),
     ("commands", ["cli", "__main__"]),
 ]
 LIGHTNING = ("lightning", "pytorch_lightning", "lightning_fabric")

@@ -28,10 +28,11 @@ class GradCapture(pl.Callback):
             torch.save(grads, self.path)
 
 
-def _train_one_step(tmp_path, data_file, devices: int, batch_size: int, micro: int | None, out: str):
+def _train_one_step(tmp_path, data_file, devices: int, batch_size: int, micro: int | None, out: str,
+                    peft: dict | None = None):
     pl.seed_everything(0)
     model = MaskedDiffusionLM(ScratchBackbone(**TINY), micro_batch_size=micro, warmup_steps=0,
-                              gradient_clip_val=None)
+                              gradient_clip_val=None, peft=peft)
     data = DialogDataModule(
         [DataSource(str(data_file), format="messages", language="en", val_size=0)],
         batch_size=batch_size,
@@ -76,9 +77,12 @@ def test_micro_batches_give_the_whole_batch_gradient(tmp_path, messages_jsonl):
 
 @pytest.mark.multiprocess
 @pytest.mark.skipif(sys.platform != "linux" or not torch.distributed.is_gloo_available(), reason="needs gloo")
-def test_two_ranks_give_the_single_process_gradient(tmp_path, messages_jsonl):
-    single = _train_one_step(tmp_path, messages_jsonl, 1, 8, None, str(tmp_path / "single.pt"))
-    ddp = _train_one_step(tmp_path, messages_jsonl, 2, 4, None, str(tmp_path / "ddp.pt"))
+@pytest.mark.parametrize("peft", [None, {"r": 4, "dropout": 0.0}], ids=["full", "lora"])
+def test_two_ranks_give_the_single_process_gradient(tmp_path, messages_jsonl, peft):
+    single = _train_one_step(tmp_path, messages_jsonl, 1, 8, None, str(tmp_path / "single.pt"), peft)
+    ddp = _train_one_step(tmp_path, messages_jsonl, 2, 4, None, str(tmp_path / "ddp.pt"), peft)
     assert single.keys() == ddp.keys() and single
+    if peft is not None:  # only the adapters (and the fresh head of a model built from a config) train
+        assert all(".lora_" in n or ".head." in n or "decoder.bias" in n for n in single), sorted(single)
     for name in single:
         torch.testing.assert_close(ddp[name], single[name], rtol=1e-4, atol=1e-6, msg=name)

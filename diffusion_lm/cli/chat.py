@@ -69,6 +69,7 @@ def chat_command(
     top_k: Optional[int] = None,
     block_size: Optional[int] = None,
     threshold: Optional[float] = None,
+    guidance: Optional[float] = None,
     seed: Optional[int] = 0,
     transcript: Optional[str] = None,
     device: Optional[str] = None,
@@ -92,13 +93,16 @@ def chat_command(
         top_k: sample among the k most likely tokens (needs temperature > 0).
         block_size: semi-autoregressive block size.
         threshold: confidence threshold selector.
+        guidance: classifier-free guidance scale w (0 = none): logits + w * (logits - logits with
+            the prompt masked), both in one batched forward per step.
         seed: base seed; turn k uses seed + k (null = random).
         transcript: append one JSON row per turn ({turn, messages, answer, dropped, stats}) to this file.
         device: cpu or cuda (default: cuda when available).
     """
     check_options(canvas_length=canvas_length)
     lm, config = load_with_sampler(model, device, preset, sampler, steps=steps, temperature=temperature,
-                                    top_p=top_p, top_k=top_k, block_size=block_size, threshold=threshold)
+                                    top_p=top_p, top_k=top_k, block_size=block_size, threshold=threshold,
+                                    guidance=guidance)
     session = ChatSession(lm, config, canvas_length=canvas_length, seed=seed, system=system)
     interactive = sys.stdin.isatty()
     if interactive:

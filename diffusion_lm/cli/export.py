@@ -21,6 +21,7 @@ def export_command(
     overwrite: bool = False,
     dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None,
     verify: bool = True,
+    merge: bool = True,
 ) -> None:
     """Export a training checkpoint to a Hugging Face folder (model, tokenizer, diffusion metadata, card).
 
@@ -32,7 +33,9 @@ def export_command(
         overwrite: replace an existing ``output_dir``.
         dtype: save the weights as ``float32``, ``bfloat16`` or ``float16`` (default: unchanged).
         verify: reload the export with ``AutoModelForMaskedLM`` and compare logits before publishing it.
+        merge: a model trained with ``model.peft`` (LoRA): fold the adapters into the weights and write a
+            plain Hugging Face folder (default), or ``false``: a ``peft`` adapter folder over the base model.
     """
     target = export_checkpoint(ckpt_path, output_dir, weights=weights, overwrite=overwrite,
-                               dtype=_DTYPES[dtype] if dtype else None, verify=verify)
+                               dtype=_DTYPES[dtype] if dtype else None, verify=verify, merge=merge)
     print(f"exported {ckpt_path} -> {target}")

@@ -96,6 +96,7 @@ def generate_command(
     top_k: Optional[int] = None,
     block_size: Optional[int] = None,
     threshold: Optional[float] = None,
+    guidance: Optional[float] = None,
     system: Optional[str] = None,
     seed: Optional[int] = 0,
     batch_size: int = 8,
@@ -126,6 +127,8 @@ def generate_command(
         top_k: sample among the k most likely tokens (needs temperature > 0).
         block_size: semi-autoregressive block size (answer slots decided per block).
         threshold: confidence threshold selector (commit every slot with p >= threshold, at least one).
+        guidance: classifier-free guidance scale w (0 = none): logits + w * (logits - logits with
+            the prompt masked), both in one batched forward per step.
         system: a system message put before every prompt.
         seed: base seed (row i of the input draws from its own stream; null = random).
         batch_size: prompts decoded together.
@@ -135,7 +138,8 @@ def generate_command(
     check_options(canvas_length=canvas_length, batch_size=batch_size)
     records = _records(prompt, input, system)
     lm, config = load_with_sampler(model, device, preset, sampler, steps=steps, temperature=temperature,
-                                    top_p=top_p, top_k=top_k, block_size=block_size, threshold=threshold)
+                                    top_p=top_p, top_k=top_k, block_size=block_size, threshold=threshold,
+                                    guidance=guidance)
     rows, result = answer_prompts(lm, records, sampler=config, canvas_length=canvas_length, seed=seed,
                                   batch_size=batch_size, return_trajectory=trajectory is not None)
     if trajectory is not None:

@@ -76,6 +76,7 @@ def infill_command(
     top_k: Optional[int] = None,
     block_size: Optional[int] = None,
     threshold: Optional[float] = None,
+    guidance: Optional[float] = None,
     default_slots: int = 8,
     seed: Optional[int] = 0,
     batch_size: int = 8,
@@ -103,6 +104,8 @@ def infill_command(
         top_k: sample among the k most likely tokens (needs temperature > 0).
         block_size: semi-autoregressive block size over the hole slots.
         threshold: confidence threshold selector.
+        guidance: classifier-free guidance scale w (0 = none): logits + w * (logits - logits with
+            the prompt masked), both in one batched forward per step.
         default_slots: slots of a bare [[MASK]].
         seed: base seed (null = random).
         batch_size: texts decoded together.
@@ -119,7 +122,8 @@ def infill_command(
         raise ConfigError('no text: give --text "... [[MASK:8]] ..." or --input FILE')
     check_options(batch_size=batch_size, default_slots=default_slots)
     lm, config = load_with_sampler(model, device, preset, sampler, steps=steps, temperature=temperature,
-                                    top_p=top_p, top_k=top_k, block_size=block_size, threshold=threshold)
+                                    top_p=top_p, top_k=top_k, block_size=block_size, threshold=threshold,
+                                    guidance=guidance)
     outputs, result = infill_texts(lm, texts, sampler=config, ids=ids, prompt=prompt, seed=seed,
                                    batch_size=batch_size, default_slots=default_slots,
                                    return_trajectory=trajectory is not None)

@@ -10,6 +10,7 @@ that validates the generation flags.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,8 @@ OPTION_RULES = {
     "top_p": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
     "threshold": (lambda v: v > 0, "must be > 0 (e.g. 0.9; above 1 commits one token per forward)"),
     "default_slots": (lambda v: v >= 1, "must be >= 1"),
+    "guidance": (lambda v: math.isfinite(v) and v >= 0,
+                 "must be a finite number >= 0 (classifier-free guidance scale; 0 = none)"),
 }
 
 
@@ -96,6 +99,9 @@ class SamplerConfig:
         processors: logits processors, applied in order before proposing and ranking.
         suppress_tokens: token ids never proposed (applied before ``processors``).
         stop_on_eos: stop a row once EOS is committed (the rest of its canvas becomes pad).
+        guidance: classifier-free guidance scale ``w`` (:mod:`~diffusion_lm.sampling.guidance`): the
+            logits become ``cond + w * (cond - uncond)``, ``uncond`` from the same canvas with the prompt
+            masked, both in one batched forward; 0 (default) is the unguided sampler exactly.
     """
 
     proposer: Union[str, Proposer] = field(default_factory=_quality_proposer)
@@ -106,8 +112,11 @@ class SamplerConfig:
     processors: list[Union[str, LogitsProcessor]] = field(default_factory=_default_processors)
     suppress_tokens: list[int] = field(default_factory=list)
     stop_on_eos: bool = True
+    guidance: float = 0.0
 
     def __post_init__(self) -> None:
+        check_options(guidance=self.guidance)
+        self.guidance = float(self.guidance)
         self.proposer = resolve_policy("proposer", self.proposer, PROPOSERS, Proposer)
         self.scorer = resolve_policy("scorer", self.scorer, SCORERS, Scorer)
         self.window = resolve_policy("window", self.window, WINDOWS, Window)
@@ -142,6 +151,7 @@ class SamplerConfig:
             "processors": [p.to_dict() for p in self.processors],  # type: ignore[union-attr]
             "suppress_tokens": list(self.suppress_tokens),
             "stop_on_eos": self.stop_on_eos,
+            "guidance": self.guidance,
         }
 
     @classmethod
@@ -189,6 +199,7 @@ class SamplerConfig:
         top_k: Optional[int] = None,
         block_size: Optional[int] = None,
         threshold: Optional[float] = None,
+        guidance: Optional[float] = None,
         stored: Optional[Mapping[str, Any]] = None,
     ) -> "SamplerConfig":
         """The sampler a user asked for: ``preset`` (default ``quality``, or the stored default), then
@@ -198,14 +209,17 @@ class SamplerConfig:
         * ``threshold``: the threshold selector (Fast-dLLM) at that confidence;
         * ``temperature`` / ``top_p`` / ``top_k``: the sampling proposer (``temperature=0``: greedy);
         * ``block_size``: semi-autoregressive blocks of that size;
+        * ``guidance``: the classifier-free guidance scale;
         * ``stored``: an export's sampler defaults (``{"default_preset": ..., "presets": {name:
           to_dict()}}``); a preset name then means the stored copy.
         """
         check_options(steps=steps, temperature=temperature, top_p=top_p, top_k=top_k, block_size=block_size,
-                      threshold=threshold)
+                      threshold=threshold, guidance=guidance)
         config = _base_config(preset, load_sampler_spec(sampler), stored or {})
         changes = _flag_changes(config, steps=steps, temperature=temperature, top_p=top_p, top_k=top_k,
                                 block_size=block_size, threshold=threshold)
+        if guidance is not None:
+            changes["guidance"] = guidance
         return config.replace(**changes) if changes else config
 
 

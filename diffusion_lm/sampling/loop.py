@@ -35,6 +35,7 @@ from ..denoiser import Denoiser
 from ..errors import ConfigError
 from ..seeding import Seed, row_seed, row_seeds
 from .config import SamplerConfig
+from .guidance import guided
 from .policies import NoRemasker
 from .step import Canvas, GenerationStats, RowStats, advance_row, decide, forward, rows_of
 from .trajectory import Trajectory
@@ -298,13 +299,17 @@ def _decode_chunk(
     needs_confidence = not isinstance(config.remasker, NoRemasker)
     active = canvas.pending()
     max_forwards = canvas.max_forwards()
+    # Classifier-free guidance conditions on every token the sampler may not write (the prompt; the
+    # text around infill holes); guidance 0 leaves the denoiser as it is.
+    condition = canvas.attn.bool() & ~canvas.editable
     for n_forward in range(max_forwards + 1):
         if not active:
             break
         if n_forward == max_forwards:
             raise RuntimeError("sampler did not terminate within its step bound (a selector committed "
                                "nothing?)")
-        step = forward(denoiser, canvas, active, config, device=device, row_seeds=row_seeds, total=total,
+        step_denoiser = guided(denoiser, config.guidance, mask_id, condition[torch.tensor(active)])
+        step = forward(step_denoiser, canvas, active, config, device=device, row_seeds=row_seeds, total=total,
                        mask_id=mask_id, eos_id=eos_id, pad_id=pad_id)
         decisions = decide(step, config, processors, needs_confidence)
         still_active = []
