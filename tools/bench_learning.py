@@ -6,7 +6,7 @@ prompts, held out: no training dialog contains them), trains a small model from 
 ``diffusion-lm fit`` and the default data settings, answers the held-out prompts with
 ``diffusion-lm generate`` (greedy) and reports the exact match against the references.
 
-    python tools/bench_learning.py                  # about 2-4 minutes on 2 CPU cores
+    python tools/bench_learning.py                  # a few minutes on 2 CPU cores
     python tools/bench_learning.py --steps 5 --workdir /tmp/x   # a smoke run (learns nothing)
 
 Prints one JSON object: exact match overall and per language and kind, the fit and generate wall
@@ -35,12 +35,12 @@ model:
   backbone:
     model_type: modernbert
     tokenizer: {tokenizer}
-    hidden_size: 64
+    hidden_size: 128
     num_hidden_layers: 2
-    num_attention_heads: 2
-    intermediate_size: 128
+    num_attention_heads: 4
+    intermediate_size: 256
     max_position_embeddings: 32
-  learning_rate: 5.0e-3
+  learning_rate: 2.0e-3
   warmup_steps: 20
   lr_schedule: cosine
   canvas_length: 8
@@ -126,8 +126,8 @@ def run(workdir: Path, steps: int, batch_size: int, seed: int) -> dict:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=800)
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=None,
                         help="keep the task, run and logs here (default: a temp dir)")
