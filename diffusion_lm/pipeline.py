@@ -184,7 +184,8 @@ class InfillOutput:
 
 def splice_fills(pieces: list[tuple[str, Any]], fills: Sequence[str]) -> str:
     """The text of parsed ``pieces`` with its holes replaced by ``fills``, in order; the literal text
-    is kept verbatim (see :class:`InfillOutput`)."""
+    is kept verbatim (see :class:`InfillOutput`), except that an empty fill between two spaces
+    leaves one space, not two."""
     out: list[str] = []
     k = 0
     for i, (kind, value) in enumerate(pieces):
@@ -201,6 +202,8 @@ def splice_fills(pieces: list[tuple[str, Any]], fills: Sequence[str]) -> str:
             fill = fill.lstrip()
         if not after or str(after)[:1].isspace():
             fill = fill.rstrip()
+        if not fill and out and out[-1].endswith(" ") and str(after)[:1] == " ":
+            out[-1] = out[-1][:-1]  # an empty (variable-length) hole: the text closes up, one space left
         out.append(fill)
     return "".join(out)
 
@@ -214,6 +217,15 @@ class InfillRow:
     row: list[int]
     pieces: list
     holes: list[list[int]]
+    flexible: list[bool] = field(default_factory=list)
+
+    def flexible_slots(self) -> list[bool]:
+        """Per position of ``row``: whether it is a slot of a variable-length (``[[MASK:<=n]]``) hole."""
+        flags = [False] * len(self.row)
+        for hole, flex in zip(self.holes, self.flexible):
+            for p in hole:
+                flags[p] = flex
+        return flags
 
 
 def _infill_row(model, label: str, text: str, head: list[int], default_slots: int, around: str) -> InfillRow:
@@ -225,23 +237,24 @@ def _infill_row(model, label: str, text: str, head: list[int], default_slots: in
         pieces = parse_spans(text, default_slots)
     except ValueError as err:
         raise ConfigError(f"{label}: {err}") from None
-    if not any(kind == "mask" for kind, _ in pieces):
+    if not any(kind != "text" for kind, _ in pieces):
         raise ConfigError(f"{label} has no hole to fill; mark one with [[MASK]] (default {default_slots} "
-                          "slots) or [[MASK:n]] (n slots)")
+                          "slots), [[MASK:n]] (n slots) or [[MASK:<=n]] (at most n)")
     row = list(head)
-    holes = []
+    holes, flexible = [], []
     for kind, value in pieces:
         if kind == "text":
             row += spans_to_ids([(kind, value)], tpl.encode_text, tpl.mask_id)
         else:
             holes.append(list(range(len(row), len(row) + int(value))))
+            flexible.append(kind == "flex")
             row += [tpl.mask_id] * int(value)
     row.append(tpl.eos_id)
     if len(row) > model.max_length:
         raise ConfigError(f"{label} is {len(row)} tokens with its holes (and the {around}), more than the "
                           f"model's limit of {model.max_length} positions; shorten the text or use fewer "
                           "mask slots")
-    return InfillRow(row, pieces, holes)
+    return InfillRow(row, pieces, holes, flexible)
 
 
 def infill_rows(model, texts: Sequence[str], *, ids: Optional[Sequence[Any]] = None,
@@ -298,7 +311,8 @@ def infill_texts(
     laid_out = infill_rows(model, texts, ids=ids, prompt=prompt, default_slots=default_slots)
     result = infill(model.denoise, [r.row for r in laid_out], mask_id=tpl.mask_id, eos_id=tpl.eos_id,
                     pad_id=tpl.pad_id, sampler=sampler, seed=seed, return_trajectory=return_trajectory,
-                    max_batch_size=batch_size, max_length=model.max_length, on_step=on_step)
+                    max_batch_size=batch_size, max_length=model.max_length, on_step=on_step,
+                    flexible=[r.flexible_slots() for r in laid_out])
     outputs = []
     for rid, text, r, out, stats in zip(ids, texts, laid_out, result.ids, result.row_stats):
         fills = infill_fills(model, r, out)
