@@ -20,7 +20,7 @@ LAYERS = [
                "chat", "sampling"]),
     ("model parts", ["backbone", "checkpoint_io", "resume", "preemption", "distributed", "data"]),
     ("model", ["module", "callbacks", "health", "ema"]),
-    ("library", ["loading", "export", "pipeline", "serve", "__init__"]),
+    ("library", ["loading", "export", "pipeline", "evaluation", "serve", "__init__"]),
     ("commands", ["cli", "__main__"]),
 ]
 LIGHTNING = ("lightning", "pytorch_lightning", "lightning_fabric")
