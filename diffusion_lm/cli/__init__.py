@@ -2,7 +2,7 @@
 
 ``fit | validate | test | predict`` are LightningCLI subcommands (:mod:`diffusion_lm.cli.fit`:
 ``--config``, ``--print_config``, class paths for schedules and callbacks). ``export | generate |
-infill | chat | check | serve`` are typed functions exposed through jsonargparse, one module each
+infill | chat | check | serve | sweep`` are typed functions exposed through jsonargparse, one module each
 (:mod:`diffusion_lm.cli.generate`, ...): their signatures are the command lines, their docstrings
 ``--help``. Nothing in the library imports this package.
 """
@@ -33,6 +33,7 @@ COMMANDS = {
     "chat": "diffusion_lm.cli.chat:chat_command",
     "check": "diffusion_lm.cli.check:check_command",
     "serve": "diffusion_lm.cli.serve:serve_command",
+    "sweep": "diffusion_lm.cli.sweep:sweep_command",
 }
 
 
