@@ -81,11 +81,24 @@ def run_sweep(model, specs: Sequence[TaskSpec], grid: dict[str, Sequence[Any]], 
     return rows
 
 
+def _samples(rows: list[dict], count: int) -> list[dict]:
+    """Up to ``count`` rows, taken round-robin over languages (every language shows samples)."""
+    queues: dict[Any, list[dict]] = {}
+    for row in rows:
+        queues.setdefault(row.get("language"), []).append(row)
+    out: list[dict] = []
+    while len(out) < min(count, len(rows)):
+        for queue in queues.values():
+            if queue and len(out) < count:
+                out.append(queue.pop(0))
+    return out
+
+
 def _task_entry(result: TaskResult, samples: int) -> dict:
     return {"kind": result.spec.kind, "path": result.spec.path, "records": len(result.rows),
             "skipped": len(result.skipped), "skip_reasons": result.skipped[:5], "figures": result.figures,
             "languages": result.languages, "metrics": result.metrics,
-            "samples": result.rows[:samples], "rows": result.rows}
+            "samples": _samples(result.rows, samples), "rows": result.rows}
 
 
 def evaluate(model, tasks: Sequence[Union[TaskSpec, dict]], *, preset: Optional[str] = None,
