@@ -172,3 +172,24 @@ def test_suite_options_are_checked_early(task_files):
         EvaluationSuite(tasks=[{"kind": "chat", "path": str(task_files["chat"])}], batch_size=0)
     with pytest.raises(ConfigError, match="preset"):
         EvaluationSuite(tasks=[{"kind": "chat", "path": str(task_files["chat"])}], preset="turbo")
+
+
+def test_the_shipped_suite_config_and_task_files_load():
+    """configs/eval/suite.yaml composes with the demo recipe through the CLI, and its task files parse."""
+    from diffusion_lm.cli import DiffusionLMCLI
+
+    from .conftest import REPO
+
+    cli = DiffusionLMCLI(args=["--config", str(REPO / "configs" / "demo.yaml"), "--config",
+                               str(REPO / "configs" / "eval" / "suite.yaml")], run=False)
+    (suite,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, EvaluationSuite)]
+    assert [t.kind for t in suite.tasks] == ["chat", "fim", "bridge", "edit"]
+    assert set(suite.sweep) == {"steps", "threshold", "block_size", "repetition_guard"}
+    for spec in suite.tasks:
+        records = read_task(TaskSpec(spec.kind, str(REPO / spec.path)))
+        assert len(records) >= 12
+        if spec.kind == "fim":  # each original function parses
+            import ast
+
+            for rec in records:
+                ast.parse(rec["prefix"] + rec["middle"] + rec["suffix"])
