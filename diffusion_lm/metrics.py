@@ -9,13 +9,18 @@ import re
 import unicodedata
 import warnings
 from collections import Counter
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 import torch
 from torchmetrics import Metric
 
 __all__ = ["NelboMetric", "LanguageNelbo", "RatioMetric", "GroupedMeans", "chrf", "exact_match",
            "normalize_text"]
+
+
+def _group_key(label: str) -> str:
+    """A ModuleDict key for a group label (keys may not contain dots or be empty)."""
+    return "g_" + re.sub(r"[^0-9A-Za-z_]", lambda m: f"_{ord(m.group()):x}_", label)
 
 
 class NelboMetric(Metric):
@@ -48,7 +53,8 @@ class NelboMetric(Metric):
 
 
 class LanguageNelbo(torch.nn.Module):
-    """One :class:`NelboMetric` overall and one per language, added as languages appear in the data.
+    """One :class:`NelboMetric` overall and one per language, and one per data source when ``update``
+    is given sources (labelled ``src:<source>``), added as they appear in the data.
 
     Distributed-safe: before computing, every rank learns the languages every other rank has seen (an
     all-gather of their names) and adds the ones it lacks, so all ranks hold the same metrics and sync
@@ -59,23 +65,33 @@ class LanguageNelbo(torch.nn.Module):
         super().__init__()
         self.overall = NelboMetric()
         self.per_language = torch.nn.ModuleDict()
+        self.labels: dict[str, str] = {}  # ModuleDict key -> group label
         for lang in sorted(set(languages)):
             self._metric(lang)
 
     @property
     def languages(self) -> list[str]:
-        return sorted(self.per_language.keys())
+        """The group labels seen so far (languages, and ``src:<source>`` labels), sorted."""
+        return sorted(self.labels.values())
 
     def _metric(self, lang: str) -> NelboMetric:
-        if lang not in self.per_language:
-            self.per_language[lang] = NelboMetric().to(self.overall.nelbo.device)
-        return self.per_language[lang]
+        key = _group_key(lang)
+        if key not in self.per_language:
+            self.per_language[key] = NelboMetric().to(self.overall.nelbo.device)
+            self.labels[key] = lang
+        return self.per_language[key]
 
-    def update(self, seq_nelbo: torch.Tensor, seq_tokens: torch.Tensor, languages: list[str]) -> None:
+    def update(self, seq_nelbo: torch.Tensor, seq_tokens: torch.Tensor, languages: list[str],
+               sources: Optional[list[str]] = None) -> None:
+        """Add per-example NELBO sums and token counts; ``languages`` (and optional ``sources``) name
+        each example's groups."""
         self.overall.update(seq_nelbo, seq_tokens)
-        for lang in sorted({lg for lg in languages if lg}):
-            sel = torch.tensor([i for i, lg in enumerate(languages) if lg == lang], device=seq_nelbo.device)
-            self._metric(lang).update(seq_nelbo[sel], seq_tokens[sel])
+        groups = [[lg] for lg in languages]
+        if sources is not None:
+            groups = [g + ([f"src:{src}"] if src else []) for g, src in zip(groups, sources)]
+        for label in sorted({lg for g in groups for lg in g if lg}):
+            sel = torch.tensor([i for i, g in enumerate(groups) if label in g], device=seq_nelbo.device)
+            self._metric(label).update(seq_nelbo[sel], seq_tokens[sel])
 
     def _gather_languages(self) -> None:
         """Add the languages other ranks have seen (a collective: every rank calls it)."""
@@ -92,7 +108,7 @@ class LanguageNelbo(torch.nn.Module):
         """``{prefix/nelbo, prefix/ppl_bound, prefix/nelbo_<lang>, prefix/ppl_bound_<lang>}``."""
         self._gather_languages()
         out = {}
-        metrics = [("", self.overall)] + [(f"_{lang}", self.per_language[lang]) for lang in self.languages]
+        metrics = [("", self.overall)] + [(f"_{lang}", self._metric(lang)) for lang in self.languages]
         for name, metric in metrics:
             with warnings.catch_warnings():  # a language absent from this split was never updated
                 warnings.filterwarnings("ignore", message=".*before the ``update`` method.*")
@@ -138,11 +154,6 @@ class RatioMetric(Metric):
     def compute(self) -> torch.Tensor:
         out = self.sums / self.weights
         return torch.where(self.weights > 0, out, torch.full_like(out, float("nan")))
-
-
-def _group_key(label: str) -> str:
-    """A ModuleDict key for a group label (keys may not contain dots or be empty)."""
-    return "g_" + re.sub(r"[^0-9A-Za-z_]", lambda m: f"_{ord(m.group()):x}_", label)
 
 
 class GroupedMeans(torch.nn.Module):

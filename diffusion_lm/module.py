@@ -515,7 +515,7 @@ class MaskedDiffusionLM(TextGeneration, pl.LightningModule):
         keys = torch.where(batch["example"] >= 0, index[example], -1)
         out = self._nelbo(_rows(batch, slice(None)), t, self.hparams.val_seed, 0, keys,
                           num_groups=int(index.shape[0]))
-        metrics.update(out.seq_nelbo, out.seq_tokens, batch["language"])
+        metrics.update(out.seq_nelbo, out.seq_tokens, batch["language"], batch.get("source"))
         if accuracy is not None:
             self._accuracy(batch, keys, accuracy)
 

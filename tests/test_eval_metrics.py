@@ -140,3 +140,15 @@ def test_masked_token_accuracy_at_a_fixed_rate():
                                            groups=groups, num_groups=1)
     assert total.tolist() == [3.0] and correct.tolist() == [3.0]
     assert masked_token_accuracy(_oracle(ids), ids, attn, loss_mask, 0.0, 9, uniforms)[1].sum() == 0
+
+
+def test_nelbo_split_per_language_and_source():
+    from diffusion_lm.metrics import LanguageNelbo
+
+    m = LanguageNelbo()
+    m.update(torch.tensor([2.0, 6.0, 3.0]), torch.tensor([1.0, 2.0, 3.0]), ["en", "en", "ru"],
+             ["tulu", "chat.v1", "tulu"])
+    out = m.compute("val")
+    assert out["val/nelbo"] == pytest.approx(11 / 6) and out["val/nelbo_en"] == pytest.approx(8 / 3)
+    assert out["val/nelbo_ru"] == pytest.approx(1.0)
+    assert out["val/nelbo_src:tulu"] == pytest.approx(5 / 4) and out["val/nelbo_src:chat.v1"] == 3.0
