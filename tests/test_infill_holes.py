@@ -74,3 +74,11 @@ def test_an_empty_variable_hole_closes_up_the_text():
     pieces = parse_spans("Hello, [[MASK:<=4]] you? I am [[MASK:<=2]].")
     assert splice_fills(pieces, ["", "fine"]) == "Hello, you? I am fine."
     assert splice_fills(pieces, ["how are", ""]) == "Hello, how are you? I am ."
+
+
+def test_when_eos_and_pad_are_one_id_a_variable_hole_can_still_shrink():
+    row = [BOS, 7, MASK, MASK, 8, MASK, EOS]
+    flexible = [False, False, True, True, False, False, False]
+    special = dict(mask_id=MASK, eos_id=PAD, pad_id=PAD)
+    out = infill(ending_lover, [row], sampler="greedy", seed=0, flexible=[flexible], **special).ids[0]
+    assert out[2:4] == [PAD, PAD] and out[5] in (5, 6)

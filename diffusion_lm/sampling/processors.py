@@ -94,13 +94,12 @@ class HoleContent(LogitsProcessor):
     def __call__(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         if logits.shape[0] == 0:
             return logits
-        logits[:, ctx.eos_id] = float("-inf")
-        if ctx.pad_id != ctx.eos_id:
-            if ctx.flexible is None:
-                logits[:, ctx.pad_id] = float("-inf")
-            else:
-                fixed = ~ctx.flexible[ctx.q_rows, ctx.q_pos]
-                logits[fixed, ctx.pad_id] = float("-inf")
+        if ctx.flexible is None:
+            logits[:, ctx.pad_id] = float("-inf")
+        else:
+            logits[~ctx.flexible[ctx.q_rows, ctx.q_pos], ctx.pad_id] = float("-inf")
+        if ctx.eos_id != ctx.pad_id:  # aliased (dLLM's ModernBERT setup): the pad rule above decides
+            logits[:, ctx.eos_id] = float("-inf")
         return logits
 
 
