@@ -81,4 +81,4 @@ def test_when_eos_and_pad_are_one_id_a_variable_hole_can_still_shrink():
     flexible = [False, False, True, True, False, False, False]
     special = dict(mask_id=MASK, eos_id=PAD, pad_id=PAD)
     out = infill(ending_lover, [row], sampler="greedy", seed=0, flexible=[flexible], **special).ids[0]
-    assert out[2:4] == [PAD, PAD] and out[5] in (5, 6)
+    assert out[2:4] == [PAD, PAD] and out[5] != PAD  # (id 1 is ordinary text here)
