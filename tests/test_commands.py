@@ -333,7 +333,7 @@ def test_chat_session_prompt_ids_and_context_trimming(model):
     ("infill", ["--text", "no holes"], "has no hole to fill"),
     ("infill", ["--text", "a [[MASK:<=x]] b"], "invalid slot count 'x'"),
     ("chat", ["--canvas_length", "-1"], "--canvas_length must be >= 1"),
-    ("sweep", ["--steps", "4,eight"], "--steps: 'eight' is not a int"),
+    ("sweep", ["--steps", "4,eight"], "--steps: 'eight' is not an integer"),
     ("sweep", ["--thresholds", "0"], "--threshold must be > 0"),
     ("sweep", ["--task", "quiz=x.jsonl"], "--task 'quiz=x.jsonl': expected KIND=PATH"),
     ("sweep", ["--task", "chat=missing.jsonl"], "no such file 'missing.jsonl'"),

@@ -27,8 +27,9 @@ def _values(flag: str, text: Optional[str], cast: Callable, check: str) -> list:
         try:
             value = cast(item.strip())
         except ValueError:
-            raise ConfigError(f"--{flag}: {item.strip()!r} is not a {cast.__name__}; give a comma-separated "
-                              f"list such as {check}") from None
+            what = "an integer" if cast is int else "a number"
+            raise ConfigError(f"--{flag}: {item.strip()!r} is not {what}; give a comma-separated list such "
+                              f"as {check}") from None
         out.append(value)
     return out
 
