@@ -152,3 +152,33 @@ def test_nelbo_split_per_language_and_source():
     assert out["val/nelbo"] == pytest.approx(11 / 6) and out["val/nelbo_en"] == pytest.approx(8 / 3)
     assert out["val/nelbo_ru"] == pytest.approx(1.0)
     assert out["val/nelbo_src:tulu"] == pytest.approx(5 / 4) and out["val/nelbo_src:chat.v1"] == 3.0
+
+
+# ------------------------------------------------------------------------------------ task figures
+def test_fim_figures_hand_computed():
+    from diffusion_lm.evaluation import fim_figures
+
+    prefix, suffix = "def add(a, b):\n    ", "\n    return c"
+    right = fim_figures("c = a + b", " c = a + b ", prefix + "c = a + b" + suffix)
+    assert right == {"exact": 1.0, "chrf": 100.0, "parses": 1.0, "empty": 0.0}
+    broken = fim_figures("c = a + b", "c = a +", prefix + "c = a +" + suffix)
+    assert broken["exact"] == 0.0 and broken["parses"] == 0.0 and 0.0 < broken["chrf"] < 100.0
+    looping = fim_figures("c = a + b", "c c c c", prefix + "c c c c" + suffix)
+    assert looping["parses"] == 0.0 and looping["chrf"] < broken["chrf"]
+    assert fim_figures("c = a + b", "", prefix + suffix)["empty"] == 1.0
+
+
+def test_edit_figures_hand_computed():
+    from diffusion_lm.evaluation import edit_figures
+
+    text = "The movie was really bad, honestly."
+    span = (14, 24)  # "really bad"
+    good = edit_figures(text, span, "quite dull", "quite dull", "The movie was quite dull, honestly.")
+    assert good == {"rest_identical": 1.0, "exact": 1.0, "chrf": 100.0, "changed": 1.0, "empty": 0.0}
+    same = edit_figures(text, span, "quite dull", "really bad", text)
+    assert same["changed"] == 0.0 and same["exact"] == 0.0 and same["rest_identical"] == 1.0
+    # the text after the span was touched: not byte-identical
+    assert edit_figures(text, span, "x", "dull", "The movie was dull; honestly.")["rest_identical"] == 0.0
+    # an empty fill closes up the space before it; the rest still counts as identical
+    closed = edit_figures("I am very happy.", (5, 9), "", "", "I am happy.")
+    assert closed["rest_identical"] == 1.0 and closed["empty"] == 1.0 and closed["exact"] == 1.0

@@ -6,7 +6,18 @@ sweep`` runs the sweeps on a checkpoint or export folder. Task file schemas: ``d
 
 from .report import markdown, write_report
 from .suite import SWEEP_FACTORS, EvaluationSuite, evaluate, run_sweep, sweep_samplers
-from .tasks import TASK_KINDS, TaskResult, TaskSpec, bridge_nelbo, read_task, run_task
+from .tasks import (
+    TASK_KINDS,
+    TaskResult,
+    TaskSpec,
+    bridge_nelbo,
+    edit_figures,
+    fim_figures,
+    parses,
+    read_task,
+    run_task,
+)
 
 __all__ = ["EvaluationSuite", "SWEEP_FACTORS", "TASK_KINDS", "TaskResult", "TaskSpec", "bridge_nelbo",
-           "evaluate", "markdown", "read_task", "run_sweep", "run_task", "sweep_samplers", "write_report"]
+           "edit_figures", "evaluate", "fim_figures", "markdown", "parses", "read_task", "run_sweep",
+           "run_task", "sweep_samplers", "write_report"]

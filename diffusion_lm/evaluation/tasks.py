@@ -39,7 +39,8 @@ from ..sampling.config import SamplerConfig
 from ..sampling.metrics import answer_metrics
 from ..seeding import counter_uniform
 
-__all__ = ["TASK_KINDS", "TaskSpec", "TaskResult", "bridge_nelbo", "read_task", "run_task"]
+__all__ = ["TASK_KINDS", "TaskSpec", "TaskResult", "bridge_nelbo", "edit_figures", "fim_figures", "parses",
+           "read_task", "run_task"]
 
 TASK_KINDS = ("chat", "fim", "bridge", "edit")
 _REQUIRED = {"chat": (), "fim": ("prefix", "middle", "suffix"), "bridge": ("before", "bridge", "after"),
@@ -257,12 +258,34 @@ def _fill_length(model, out) -> int:
     return sum(1 for p in out.holes[0] if out.output_ids[p] not in special)
 
 
-def _parses(code: str) -> float:
+def parses(code: str) -> float:
+    """1.0 when ``code`` parses as Python (``ast.parse``), else 0.0."""
     try:
         ast.parse(code)
     except (SyntaxError, ValueError):
         return 0.0
     return 1.0
+
+
+def fim_figures(middle: str, fill: str, filled: str) -> dict[str, float]:
+    """A FIM record's figures: ``exact`` (the fill equals the masked middle, whitespace-normalised),
+    ``chrf`` against it, ``parses`` (the whole filled function) and ``empty``."""
+    return {"exact": exact_match(fill, middle), "chrf": chrf(fill, middle), "parses": parses(filled),
+            "empty": float(not fill.strip())}
+
+
+def edit_figures(text: str, span: tuple[int, int], reference: str, fill: str,
+                 filled: str) -> dict[str, float]:
+    """An edit record's figures: ``rest_identical`` (the filled text keeps the text before and after the
+    span byte for byte; an empty fill may close up one space before it), ``exact`` and ``chrf``
+    against ``reference``, ``changed`` (the fill differs from the original span) and ``empty``."""
+    start, end = span
+    before, original, after = text[:start], text[start:end], text[end:]
+    head = before[:-1] if not fill and before.endswith(" ") and after.startswith(" ") else before
+    rest = filled.startswith(head) and filled.endswith(after) and len(filled) >= len(head) + len(after)
+    return {"rest_identical": float(rest), "exact": exact_match(fill, reference),
+            "chrf": chrf(fill, reference),
+            "changed": float(fill.strip() != original.strip()), "empty": float(not fill.strip())}
 
 
 def _run_infill_modes(model, spec, records, sampler, seed, batch_size, build, score, extra=None):
@@ -292,35 +315,28 @@ def _run_fim(model, spec, records, sampler, *, seed, batch_size, canvas_length):
 
     def score(rec, out, mode):
         fill = out.fills[0]
-        figures = {"exact": exact_match(fill, rec["middle"]), "chrf": chrf(fill, rec["middle"]),
-                   "parses": _parses(out.filled), "empty": float(not fill.strip()),
-                   "length": float(_fill_length(model, out))}
+        figures = fim_figures(rec["middle"], fill, out.filled)
+        figures["length"] = float(_fill_length(model, out))
         return figures, {"fill": fill}
 
     return _run_infill_modes(model, spec, records, sampler, seed, batch_size, build, score)
 
 
 def _run_edit(model, spec, records, sampler, *, seed, batch_size, canvas_length):
-    def parts(rec):
-        start, end = rec["span"]
-        return rec["text"][:start], rec["text"][start:end], rec["text"][end:]
-
     def build(rec, mode):
-        before, span, after = parts(rec)
-        return _pieces(before, _hole(model, span, mode, spec.slack), after)
+        start, end = rec["span"]
+        text = rec["text"]
+        return _pieces(text[:start], _hole(model, text[start:end], mode, spec.slack), text[end:])
 
     def score(rec, out, mode):
-        before, span, after = parts(rec)
+        start, end = rec["span"]
         fill = out.fills[0]
         hole = set(out.holes[0])
         ids_kept = all(a == b for i, (a, b) in enumerate(zip(out.input_ids, out.output_ids)) if i not in hole)
-        # an empty variable hole between two spaces closes up: one of them goes
-        head_ok = out.filled.startswith(before) or (not fill and out.filled.startswith(before[:-1]))
-        reference = rec.get("reference", span)
-        figures = {"rest_identical": float(ids_kept and head_ok and out.filled.endswith(after)),
-                   "exact": exact_match(fill, reference), "chrf": chrf(fill, reference),
-                   "changed": float(fill.strip() != span.strip()), "empty": float(not fill.strip()),
-                   "length": float(_fill_length(model, out))}
+        figures = edit_figures(rec["text"], (start, end), rec.get("reference", rec["text"][start:end]), fill,
+                               out.filled)
+        figures["rest_identical"] *= float(ids_kept)
+        figures["length"] = float(_fill_length(model, out))
         return figures, {"fill": fill, "filled": out.filled}
 
     return _run_infill_modes(model, spec, records, sampler, seed, batch_size, build, score)
