@@ -1,11 +1,12 @@
-# The two commands of the README: `make demo` and `make test` (ruff, then pytest). Each creates .venv if missing.
+# The commands of the README: `make demo`, `make eval` and `make test` (ruff, then pytest). Each creates .venv
+# if missing.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup clean
+.PHONY: demo eval test setup clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +29,10 @@ demo: $(STAMP)
 	$(VENV)/bin/diffusion-lm generate --model "$(DEMO_CKPT)" --preset quality \
 		--prompt "Hello" --prompt "How are you doing?" --prompt "What are your interests" --prompt "do you drink" \
 		--prompt "Привет!" --prompt "Как дела?" --prompt "Ты пьешь?" --prompt "Биржа"
+
+# The evaluation report of the newest demo checkpoint (run `make demo` first): runs/eval/report.md.
+eval: $(STAMP)
+	$(VENV)/bin/diffusion-lm test --config configs/demo.yaml --config configs/eval/suite.yaml --ckpt_path "$(DEMO_CKPT)"
 
 test: $(STAMP)
 	$(PY) -m ruff check .

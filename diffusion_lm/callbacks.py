@@ -8,9 +8,11 @@ or switch language. ``ValidationSampling`` generates answers for the data module
   repeated 3-gram rate, longest run of one token, answer length, NFE, tokens per forward;
 * a table of the samples as TensorBoard text (when a ``TensorBoardLogger`` is attached; other
   loggers are skipped);
-* scalar aggregates through ``pl_module.log``: ``val_samples/rep3_<lang>``, ``val_samples/len_<lang>``,
-  ``val_samples/longest_run_<lang>``, ``val_samples/rep3``, ``val_samples/nfe``,
-  ``val_samples/tokens_per_forward``.
+* scalar aggregates through ``pl_module.log``: per language the means of every answer metric of
+  :func:`~diffusion_lm.sampling.metrics.answer_metrics` (``val_samples/<metric>_<lang>``: ``length``,
+  ``empty``, ``eos_position``, ``ended``, ``distinct1``, ``distinct2``, ``rep3``, ``longest_run``,
+  ``longest_repeat``, ``looping``; ``len_<lang>`` is kept as the old name of ``length``), and overall
+  ``val_samples/rep3``, ``val_samples/looping``, ``val_samples/nfe``, ``val_samples/tokens_per_forward``.
 
 Distributed runs: every rank generates the same answers (same prompts, same seed). A sharded model
 (FSDP) needs every rank in each forward pass, and ``trainer.log_dir`` is a broadcast, so nothing that
@@ -43,7 +45,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from .chat import DEFAULT_VALIDATION_PROMPTS, ValidationPrompt
 from .errors import ConfigError
 from .sampling.config import SamplerConfig
-from .sampling.metrics import longest_run, repeated_ngram_rate
+from .sampling.metrics import ANSWER_METRICS, answer_metrics
 
 __all__ = ["BatchComposition", "ValidationSampling"]
 
@@ -190,16 +192,18 @@ class ValidationSampling(Callback):
         result = pl_module.generate(convs, sampler=self.sampler, canvas_length=canvas, seed=self.seed,
                                     max_batch_size=self.batch_size)
         rows = []
-        for p, ids, text, stats in zip(kept, result.ids, result.texts, result.row_stats):
+        eos = pl_module.template.eos_id
+        for p, conv, ids, seq, text, stats in zip(kept, convs, result.ids, result.sequences, result.texts,
+                                                  result.row_stats):
+            answer = seq[len(pl_module.prompt_ids(conv)):]
+            figures = answer_metrics(ids, answer.index(eos) if eos in answer else None)
             rows.append({
                 "step": int(trainer.global_step),
                 "epoch": int(trainer.current_epoch),
                 "prompt": p.text,
                 "language": p.language,
                 "answer": text,
-                "rep3": round(repeated_ngram_rate(ids, 3), 6),
-                "longest_run": longest_run(ids),
-                "length": len(ids),
+                **{k: (None if math.isnan(v) else round(v, 6)) for k, v in figures.items()},
                 "nfe": stats.nfe,
                 "tokens": stats.tokens,
                 "tokens_per_forward": round(stats.tokens_per_forward, 6),
@@ -209,19 +213,28 @@ class ValidationSampling(Callback):
 
     @staticmethod
     def aggregate(rows: Sequence[dict]) -> dict[str, float]:
-        """Scalars: per language mean rep3 / length / longest run; overall rep3, NFE per answer and
-        tokens per forward (total committed tokens over total row forwards)."""
+        """Scalars: per language the mean of each answer metric (``<metric>_<lang>``; ``len_<lang>`` too,
+        the old name of ``length``; a metric no answer has, as the EOS position when none ended, is left
+        out); overall rep3, looping share, NFE per answer and tokens per forward (total committed
+        tokens over total row forwards)."""
+
+        def mean(group: Sequence[dict], key: str) -> Optional[float]:
+            values = [r[key] for r in group if r.get(key) is not None]
+            return sum(values) / len(values) if values else None
+
         out: dict[str, float] = {}
         by_lang: dict[str, list[dict]] = defaultdict(list)
         for r in rows:
             by_lang[r["language"]].append(r)
         for lang, group in sorted(by_lang.items()):
-            n = len(group)
-            out[f"rep3_{lang}"] = sum(r["rep3"] for r in group) / n
-            out[f"len_{lang}"] = sum(r["length"] for r in group) / n
-            out[f"longest_run_{lang}"] = sum(r["longest_run"] for r in group) / n
+            for key in ANSWER_METRICS:
+                value = mean(group, key)
+                if value is not None:
+                    out[f"{key}_{lang}"] = value
+            out[f"len_{lang}"] = out[f"length_{lang}"]
         n = len(rows)
         out["rep3"] = sum(r["rep3"] for r in rows) / n
+        out["looping"] = sum(r["looping"] for r in rows) / n
         out["nfe"] = sum(r["nfe"] for r in rows) / n
         forwards = sum(r["nfe"] for r in rows)
         out["tokens_per_forward"] = sum(r["tokens"] for r in rows) / forwards if forwards else 0.0
@@ -241,12 +254,12 @@ class ValidationSampling(Callback):
         def cell(value: Any) -> str:
             return str(value).replace("|", "\\|").replace("\n", "<br>") or " "
 
-        lines = ["| lang | prompt | answer | rep3 | run | len | nfe | tok/fwd |",
-                 "|---|---|---|---|---|---|---|---|"]
+        lines = ["| lang | prompt | answer | rep3 | run | loop | len | nfe | tok/fwd |",
+                 "|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             lines.append(f"| {cell(r['language'])} | {cell(r['prompt'])} | {cell(r['answer'])} | "
-                         f"{r['rep3']:.2f} | {r['longest_run']} | {r['length']} | {r['nfe']} | "
-                         f"{r['tokens_per_forward']:.2f} |")
+                         f"{r['rep3']:.2f} | {int(r['longest_run'])} | {'yes' if r['looping'] else 'no'} | "
+                         f"{int(r['length'])} | {r['nfe']} | {r['tokens_per_forward']:.2f} |")
         return "\n".join(lines)
 
     def _write_tensorboard(self, trainer: pl.Trainer, rows: Sequence[dict]) -> None:

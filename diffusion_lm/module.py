@@ -20,8 +20,8 @@ from .chat import ChatTemplate, Conversation, Turn
 from .distributed import check_strategy, root_forward
 from .errors import ConfigError, TrainingDiverged
 from .health import MLMHealthCheck
-from .metrics import LanguageNelbo
-from .objective import masked_diffusion_nelbo
+from .metrics import GroupedMeans, LanguageNelbo
+from .objective import masked_diffusion_nelbo, masked_token_accuracy
 from .resume import apply_optimizer_hparams, changed_hparams, check_resume, describe_resume
 from .schedules import LogLinearSchedule, NoiseSchedule, indexed_times, stratified_times
 from .sampling.loop import GenerationResult, StepHook
@@ -39,6 +39,11 @@ warnings.filterwarnings("ignore",
                         message="Using ModelCheckpoint with manual optimization and every_n_train_steps")
 
 # Per-token tensors of a batch (rows x positions); the other keys are per example.
+# Fixed mask rates of the masked-token accuracy reported by validate/test: BERT's pretraining rate,
+# half, and close to the all-[MASK] start of generation.
+EVAL_MASK_RATES = (0.15, 0.5, 0.9)
+ACCURACY_NAMES = tuple(f"acc_mask{round(r * 100)}" for r in EVAL_MASK_RATES)
+
 _ROW_TENSORS = ("input_ids", "attention_mask", "loss_mask", "loss_weight", "metric_mask", "example",
                 "position")
 
@@ -285,6 +290,9 @@ class MaskedDiffusionLM(TextGeneration, pl.LightningModule):
             self._apply_peft(peft_options, loaded)
         self.val_metrics = LanguageNelbo()  # per-language NELBO, languages as the data brings them
         self.test_metrics = LanguageNelbo()
+        # masked-token accuracy at fixed rates, per language and per source
+        self.val_accuracy = GroupedMeans(ACCURACY_NAMES)
+        self.test_accuracy = GroupedMeans(ACCURACY_NAMES)
         # an export folder's metadata (set by loading.load_exported)
         self.diffusion_config: Optional[dict] = None
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient (checkpointed)
@@ -545,7 +553,29 @@ class MaskedDiffusionLM(TextGeneration, pl.LightningModule):
                                                "nonfinite_streak": self._nonfinite_streak}
 
     # ------------------------------------------------------------ validation
-    def _eval_step(self, batch: dict, batch_idx: int, metrics: LanguageNelbo) -> None:
+    def _accuracy(self, batch: dict, keys: torch.Tensor, metrics: GroupedMeans) -> None:
+        """Masked-token accuracy at :data:`EVAL_MASK_RATES`, masks keyed like the validation noise."""
+        width = int((batch["attention_mask"] > 0).sum(dim=1).max())
+        r = {k: v[:, :width] for k, v in _rows(batch, slice(None)).items()}
+        packed = bool(r["attention_mask"].max() > 1)
+        n = int(batch["sample_index"].shape[0])
+        figures: list[dict] = [{} for _ in range(n)]
+        weights: list[dict] = [{} for _ in range(n)]
+        for k, (rate, name) in enumerate(zip(EVAL_MASK_RATES, ACCURACY_NAMES)):
+            uniforms = counter_uniform_at(self.hparams.val_seed, 1 + k, keys[:, :width], r["position"])
+            correct, total = masked_token_accuracy(
+                lambda ids, attn, query: self.net(ids, attn, query, packed=packed), r["input_ids"],
+                r["attention_mask"], r["loss_mask"], rate, self.mask_id, uniforms,
+                metric_mask=r["metric_mask"], groups=r["example"], num_groups=n)
+            for i, (c, t) in enumerate(zip(correct.tolist(), total.tolist())):
+                figures[i][name] = c / t if t else float("nan")
+                weights[i][name] = t
+        sources = batch.get("source") or [""] * n
+        groups = [[lang, f"src:{src}" if src else ""] for lang, src in zip(batch["language"], sources)]
+        metrics.update(figures, groups, weights)
+
+    def _eval_step(self, batch: dict, batch_idx: int, metrics: LanguageNelbo,
+                   accuracy: Optional[GroupedMeans] = None) -> None:
         # Noise keyed by each example's index in the validation set (its time and its masks): every
         # batch size, packing and process count scores the same noised examples; copies that only
         # even out the ranks carry no metric weight.
@@ -556,23 +586,29 @@ class MaskedDiffusionLM(TextGeneration, pl.LightningModule):
         keys = torch.where(batch["example"] >= 0, index[example], -1)
         out = self._nelbo(_rows(batch, slice(None)), t, self.hparams.val_seed, 0, keys,
                           num_groups=int(index.shape[0]))
-        metrics.update(out.seq_nelbo, out.seq_tokens, batch["language"])
+        metrics.update(out.seq_nelbo, out.seq_tokens, batch["language"], batch.get("source"))
+        if accuracy is not None:
+            self._accuracy(batch, keys, accuracy)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, self.val_metrics)
+        self._eval_step(batch, batch_idx, self.val_metrics, self.val_accuracy)
 
     def on_validation_epoch_end(self) -> None:
         values = self.val_metrics.compute("val")
+        values.update(self.val_accuracy.compute("val/"))
         self.val_metrics.reset()
+        self.val_accuracy.reset()
         for key, value in values.items():
             self.log(key, value, prog_bar=key == "val/nelbo", sync_dist=False, rank_zero_only=False)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, self.test_metrics)
+        self._eval_step(batch, batch_idx, self.test_metrics, self.test_accuracy)
 
     def on_test_epoch_end(self) -> None:
         values = self.test_metrics.compute("test")
+        values.update(self.test_accuracy.compute("test/"))
         self.test_metrics.reset()
+        self.test_accuracy.reset()
         for key, value in values.items():
             self.log(key, value)
 

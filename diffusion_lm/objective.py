@@ -22,6 +22,7 @@ __all__ = [
     "counter_uniform",
     "counter_uniform_at",
     "masked_diffusion_nelbo",
+    "masked_token_accuracy",
 ]
 
 @dataclass
@@ -168,3 +169,44 @@ def _per_sequence(contrib: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
     seq_tokens = torch.zeros(n_groups, dtype=torch.float64, device=device)
     seq_tokens.index_add_(0, groups[member], torch.ones_like(groups[member], dtype=torch.float64))
     return seq_nelbo, seq_tokens
+
+
+@torch.no_grad()
+def masked_token_accuracy(
+    denoiser: Denoiser,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    loss_mask: torch.Tensor,
+    rate: float,
+    mask_id: int,
+    uniforms: torch.Tensor,
+    *,
+    metric_mask: torch.Tensor | None = None,
+    groups: torch.Tensor | None = None,
+    num_groups: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked-token accuracy at one fixed mask ``rate``: mask each ``loss_mask`` token w.p. ``rate`` (from
+    ``uniforms``, so the same tokens are masked at every evaluation) and count argmax hits.
+
+    A fixed rate makes checkpoints and backbones comparable where the NELBO mixes all rates: 0.15 is
+    BERT's pretraining rate, 0.9 is close to the all-[MASK] start of generation. Returns ``(correct,
+    total)`` per row, or per group when ``groups`` (``[B, L]`` example index, -1 for none) is given;
+    only ``metric_mask`` positions count (default: ``loss_mask``).
+    """
+    loss_mask = loss_mask.bool()
+    metric = (loss_mask if metric_mask is None else metric_mask.bool() & loss_mask)
+    rate_t = torch.full((input_ids.shape[0],), float(rate), device=input_ids.device)
+    noised, masked = apply_noise(input_ids, loss_mask, rate_t, mask_id, uniforms=uniforms)
+    scored = masked & metric
+    n = int(num_groups) if groups is not None and num_groups is not None else input_ids.shape[0]
+    correct = torch.zeros(n, dtype=torch.float64, device=input_ids.device)
+    total = torch.zeros(n, dtype=torch.float64, device=input_ids.device)
+    if not bool(scored.any()):
+        return correct, total
+    logits = denoiser(noised, attention_mask, scored)
+    rows, cols = scored.nonzero(as_tuple=True)
+    hit = (logits.argmax(dim=-1) == input_ids[rows, cols]).to(torch.float64)
+    owner = rows if groups is None else groups[rows, cols].clamp_min(0)
+    correct.index_add_(0, owner, hit)
+    total.index_add_(0, owner, torch.ones_like(hit))
+    return correct, total

@@ -25,7 +25,7 @@ from .errors import ConfigError
 from .loading import stored_sampler
 from .sampling.config import SamplerConfig, SamplerSpec, check_options
 from .sampling.loop import StepHook, infill
-from .sampling.spans import parse_spans, spans_to_ids
+from .sampling.spans import Span, parse_spans, spans_to_ids
 from .seeding import Seed
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "infill_rows",
     "infill_texts",
     "piece_decoder",
+    "render_pieces",
     "row_stats",
     "splice_fills",
     "turns_from_messages",
@@ -184,7 +185,8 @@ class InfillOutput:
 
 def splice_fills(pieces: list[tuple[str, Any]], fills: Sequence[str]) -> str:
     """The text of parsed ``pieces`` with its holes replaced by ``fills``, in order; the literal text
-    is kept verbatim (see :class:`InfillOutput`)."""
+    is kept verbatim (see :class:`InfillOutput`), except that an empty fill between two spaces
+    leaves one space, not two."""
     out: list[str] = []
     k = 0
     for i, (kind, value) in enumerate(pieces):
@@ -201,8 +203,16 @@ def splice_fills(pieces: list[tuple[str, Any]], fills: Sequence[str]) -> str:
             fill = fill.lstrip()
         if not after or str(after)[:1].isspace():
             fill = fill.rstrip()
+        if not fill and out and out[-1].endswith(" ") and str(after)[:1] == " ":
+            out[-1] = out[-1][:-1]  # an empty (variable-length) hole: the text closes up, one space left
         out.append(fill)
     return "".join(out)
+
+
+def render_pieces(pieces: Sequence[Span]) -> str:
+    """Parsed pieces back as text with ``[[MASK:n]]`` / ``[[MASK:<=n]]`` holes."""
+    marks = {"mask": "[[MASK:{}]]", "flex": "[[MASK:<={}]]"}
+    return "".join(str(value) if kind == "text" else marks[kind].format(value) for kind, value in pieces)
 
 
 @dataclass
@@ -214,37 +224,57 @@ class InfillRow:
     row: list[int]
     pieces: list
     holes: list[list[int]]
+    flexible: list[bool] = field(default_factory=list)
+
+    def flexible_slots(self) -> list[bool]:
+        """Per position of ``row``: whether it is a slot of a variable-length (``[[MASK:<=n]]``) hole."""
+        flags = [False] * len(self.row)
+        for hole, flex in zip(self.holes, self.flexible):
+            for p in hole:
+                flags[p] = flex
+        return flags
 
 
-def _infill_row(model, label: str, text: str, head: list[int], default_slots: int, around: str) -> InfillRow:
-    """One text with holes laid out after ``head`` (BOS, or a chat prompt), ending with EOS."""
+def _infill_row(model, label: str, text: Union[str, Sequence[Span]], head: list[int], default_slots: int,
+                around: str) -> InfillRow:
+    """One text with holes (a ``[[MASK]]`` string, or its parsed pieces: code with a literal ``[[`` is
+    laid out from pieces) after ``head`` (BOS, or a chat prompt), ending with EOS."""
     tpl = model.template
-    if not isinstance(text, str) or not text.strip():
-        raise ConfigError(f"{label} is empty")
-    try:
-        pieces = parse_spans(text, default_slots)
-    except ValueError as err:
-        raise ConfigError(f"{label}: {err}") from None
-    if not any(kind == "mask" for kind, _ in pieces):
+    if isinstance(text, str):
+        if not text.strip():
+            raise ConfigError(f"{label} is empty")
+        try:
+            pieces = parse_spans(text, default_slots)
+        except ValueError as err:
+            raise ConfigError(f"{label}: {err}") from None
+    else:
+        pieces = [(str(kind), value) for kind, value in text]
+        bad = [kind for kind, value in pieces if kind not in ("text", "mask", "flex")
+               or (kind != "text" and (not isinstance(value, int) or value < 1))]
+        if bad:
+            raise ConfigError(f"{label}: a piece must be ('text', str), ('mask', n) or ('flex', n) with "
+                              f"n >= 1, got {bad[0]!r}")
+    if not any(kind != "text" for kind, _ in pieces):
         raise ConfigError(f"{label} has no hole to fill; mark one with [[MASK]] (default {default_slots} "
-                          "slots) or [[MASK:n]] (n slots)")
+                          "slots), [[MASK:n]] (n slots) or [[MASK:<=n]] (at most n)")
     row = list(head)
-    holes = []
+    holes, flexible = [], []
     for kind, value in pieces:
         if kind == "text":
             row += spans_to_ids([(kind, value)], tpl.encode_text, tpl.mask_id)
         else:
             holes.append(list(range(len(row), len(row) + int(value))))
+            flexible.append(kind == "flex")
             row += [tpl.mask_id] * int(value)
     row.append(tpl.eos_id)
     if len(row) > model.max_length:
         raise ConfigError(f"{label} is {len(row)} tokens with its holes (and the {around}), more than the "
                           f"model's limit of {model.max_length} positions; shorten the text or use fewer "
                           "mask slots")
-    return InfillRow(row, pieces, holes)
+    return InfillRow(row, pieces, holes, flexible)
 
 
-def infill_rows(model, texts: Sequence[str], *, ids: Optional[Sequence[Any]] = None,
+def infill_rows(model, texts: Sequence[Union[str, Sequence[Span]]], *, ids: Optional[Sequence[Any]] = None,
                 prompt: Optional[str] = None, default_slots: int = 8) -> list[InfillRow]:
     """Parse and lay out the ``[[MASK]]`` / ``[[MASK:n]]`` texts of :func:`infill_texts` (see there);
     a text with no hole, a syntax error or a row longer than the model is a :class:`ConfigError`."""
@@ -274,7 +304,7 @@ def infill_fills(model, row: InfillRow, filled: Sequence[int]) -> list[str]:
 
 def infill_texts(
     model,
-    texts: Sequence[str],
+    texts: Sequence[Union[str, Sequence[Span]]],
     *,
     sampler: SamplerConfig,
     ids: Optional[Sequence[Any]] = None,
@@ -285,7 +315,9 @@ def infill_texts(
     return_trajectory: bool = False,
     on_step: Optional[StepHook] = None,
 ):
-    """Fill the ``[[MASK]]`` / ``[[MASK:n]]`` holes of each text; returns ``(outputs, result)``.
+    """Fill the ``[[MASK]]`` / ``[[MASK:n]]`` / ``[[MASK:<=n]]`` holes of each text; returns ``(outputs,
+    result)``. A text may also be given as parsed pieces (``[("text", "def f():"), ("mask", 6), ...]``),
+    for text that holds a literal ``[[`` (code).
 
     Without ``prompt`` a text is laid out as the encoder saw text in pretraining, ``[BOS] text [EOS]``;
     with ``prompt`` it is the assistant's answer to that user message (the chat template:
@@ -298,11 +330,13 @@ def infill_texts(
     laid_out = infill_rows(model, texts, ids=ids, prompt=prompt, default_slots=default_slots)
     result = infill(model.denoise, [r.row for r in laid_out], mask_id=tpl.mask_id, eos_id=tpl.eos_id,
                     pad_id=tpl.pad_id, sampler=sampler, seed=seed, return_trajectory=return_trajectory,
-                    max_batch_size=batch_size, max_length=model.max_length, on_step=on_step)
+                    max_batch_size=batch_size, max_length=model.max_length, on_step=on_step,
+                    flexible=[r.flexible_slots() for r in laid_out])
     outputs = []
     for rid, text, r, out, stats in zip(ids, texts, laid_out, result.ids, result.row_stats):
         fills = infill_fills(model, r, out)
-        outputs.append(InfillOutput(rid, text, splice_fills(r.pieces, fills), [f.strip() for f in fills],
+        shown = text if isinstance(text, str) else render_pieces(r.pieces)
+        outputs.append(InfillOutput(rid, shown, splice_fills(r.pieces, fills), [f.strip() for f in fills],
                                     r.row, list(out), r.holes, row_stats(stats)))
     return outputs, result
 

@@ -20,7 +20,7 @@ LAYERS = [
                "chat", "sampling", "likelihood"]),
     ("model parts", ["backbone", "adapters", "checkpoint_io", "resume", "preemption", "distributed", "data"]),
     ("model", ["module", "callbacks", "health", "ema"]),
-    ("library", ["loading", "export", "pipeline", "serve", "eval_harness", "__init__"]),
+    ("library", ["loading", "export", "pipeline", "evaluation", "serve", "eval_harness", "__init__"]),
     ("commands", ["cli", "__main__"]),
 ]
 LIGHTNING = ("lightning", "pytorch_lightning", "lightning_fabric")

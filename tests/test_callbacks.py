@@ -24,7 +24,8 @@ from .conftest import REPO, TINY
 PROMPTS = [ValidationPrompt("Hello there", "en"), ValidationPrompt("Как дела?", "ru"),
            ValidationPrompt("What is 2+2?", "en"), ValidationPrompt("Что нового?", "ru")]
 ROW_KEYS = {"step", "epoch", "prompt", "language", "answer", "rep3", "longest_run", "length", "nfe", "tokens",
-            "tokens_per_forward", "seconds"}
+            "tokens_per_forward", "seconds", "empty", "eos_position", "ended", "distinct1", "distinct2",
+            "longest_repeat", "looping"}
 
 
 def _parts(data_file: Path):
@@ -80,6 +81,14 @@ def test_fit_writes_samples_logs_scalars_and_tensorboard_text(tmp_path, messages
         sum(r["tokens"] for r in last) / sum(r["nfe"] for r in last))
     assert {"val_samples/rep3_ru", "val_samples/len_en", "val_samples/nfe",
             "val_samples/longest_run_en"} <= set(metrics)
+    # every answer metric, per language
+    for name in ("distinct1", "distinct2", "longest_repeat", "looping", "empty", "ended"):
+        for lang, group in (("en", en), ("ru", ru)):
+            assert metrics[f"val_samples/{name}_{lang}"] == pytest.approx(sum(r[name] for r in group) / 2,
+                                                                          abs=1e-5)
+    for r in rows:  # the EOS position is in the canvas, after the answer; null when the answer never ended
+        assert (r["eos_position"] is None) == (r["ended"] == 0.0)
+        assert r["eos_position"] is None or r["eos_position"] >= r["length"]
 
     events = b"".join(f.read_bytes() for f in Path(trainer.log_dir).glob("events.out.tfevents.*"))
     assert b"val_samples" in events and "| lang | prompt | answer |".encode() in events

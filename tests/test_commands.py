@@ -331,11 +331,37 @@ def test_chat_session_prompt_ids_and_context_trimming(model):
     ("infill", ["--text", "a [[MASK:0]] b"], "invalid slot count '0'"),
     ("infill", ["--text", "a [[HOLE]] b"], "unknown span '[[HOLE]]'"),
     ("infill", ["--text", "no holes"], "has no hole to fill"),
+    ("infill", ["--text", "a [[MASK:<=x]] b"], "invalid slot count 'x'"),
     ("chat", ["--canvas_length", "-1"], "--canvas_length must be >= 1"),
+    ("sweep", ["--steps", "4,eight"], "--steps: 'eight' is not an integer"),
+    ("sweep", ["--thresholds", "0"], "--threshold must be > 0"),
+    ("sweep", ["--task", "quiz=x.jsonl"], "--task 'quiz=x.jsonl': expected KIND=PATH"),
+    ("sweep", ["--task", "chat=missing.jsonl"], "no such file 'missing.jsonl'"),
+    ("sweep", ["--steps", "", "--thresholds", "", "--block_sizes", "", "--repetition_guard", "false"],
+     "nothing to sweep"),
 ])
 def test_bad_inputs_are_one_line_errors(ckpt, capsys, command, extra, expected):
     line = _error([command, "--model", ckpt] + extra, capsys)
     assert expected in line
+
+
+def test_sweep_command_writes_table_and_plots(ckpt, tmp_path, capsys):
+    chat = write_jsonl(tmp_path / "chat.jsonl", [
+        {"language": "en", "prompt": "Hello there", "reference": "Hi! How can I help?"},
+        {"language": "ru", "prompt": "Как дела?", "reference": "Хорошо, спасибо."}])
+    fim = write_jsonl(tmp_path / "fim.jsonl", [{"prefix": "def f(a):\n    ", "middle": "b = a",
+                                                "suffix": "\n    return b"}])
+    out = tmp_path / "sweep"
+    main(["sweep", "--model", ckpt, "--task", f"chat={chat}", "--task", f"fim={fim}", "--steps", "2,4",
+          "--thresholds", "", "--block_sizes", "4", "--repetition_guard", "false", "--output_dir", str(out)])
+    assert "report.md" in capsys.readouterr().err
+    rows = json.loads((out / "report.json").read_text(encoding="utf-8"))["sweep"]
+    assert {(r["factor"], r["value"], r["task"]) for r in rows} >= {
+        ("steps", 2, "chat"), ("steps", 4, "fim"), ("block_size", 4, "chat[en]"),
+        ("block_size", 4, "chat[ru]")}
+    assert all(0.0 <= r["chrf"] <= 100.0 for r in rows if "chrf" in r)
+    assert "| steps | 2 | chat |" in (out / "report.md").read_text(encoding="utf-8")
+    assert (out / "sweep_steps.png").stat().st_size > 1000 and (out / "sweep_block_size.png").exists()
 
 
 def test_prompt_too_long_names_prompt_lengths_and_fix(ckpt, capsys):

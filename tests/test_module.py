@@ -33,6 +33,10 @@ def test_validation_nelbo_is_reproducible(tmp_path, messages_jsonl):
     assert first["val/ppl_bound"] == pytest.approx(torch.exp(torch.tensor(first["val/nelbo"])).item(),
                                                    rel=1e-5)
     assert "val/nelbo_en" in first
+    # masked-token accuracy at fixed rates, per language and per source, with the same fixed masks
+    assert 0.0 <= first["val/acc_mask15"] <= 1.0 and first["val/acc_mask90"] == second["val/acc_mask90"]
+    assert "val/acc_mask50_en" in first and any(k.startswith("val/acc_mask15_src:") for k in first)
+    assert any(k.startswith("val/nelbo_src:") for k in first)
 
 
 @pytest.mark.parametrize("precision,checkpointing", [("bf16-mixed", False), ("32-true", True)])

@@ -2,8 +2,8 @@
 
 ``fit | validate | test | predict`` are LightningCLI subcommands (:mod:`diffusion_lm.cli.fit`:
 ``--config``, ``--print_config``, class paths for schedules and callbacks). ``export | generate |
-infill | chat | check | serve | eval`` are typed functions exposed through jsonargparse, one module each
-(:mod:`diffusion_lm.cli.generate`, ...): their signatures are the command lines, their docstrings
+infill | chat | check | serve | eval | sweep`` are typed functions exposed through jsonargparse, one
+module each (:mod:`diffusion_lm.cli.generate`, ...): their signatures are the command lines, their docstrings
 ``--help``. Nothing in the library imports this package.
 """
 
@@ -34,6 +34,7 @@ COMMANDS = {
     "check": "diffusion_lm.cli.check:check_command",
     "serve": "diffusion_lm.cli.serve:serve_command",
     "eval": "diffusion_lm.cli.evaluate:eval_command",
+    "sweep": "diffusion_lm.cli.sweep:sweep_command",
 }
 
 

@@ -48,7 +48,7 @@ from .processors import (
     SuppressTokens,
     resolve_processor,
 )
-from .spans import DEFAULT_MASK_SLOTS, parse_spans, spans_to_ids
+from .spans import DEFAULT_MASK_SLOTS, flexible_slots, parse_spans, spans_to_ids
 from .trajectory import Trajectory, TrajectoryStep, render_trajectory_html, render_trajectory_text
 
 __all__ = [
@@ -62,7 +62,7 @@ __all__ = [
     "LogitsProcessor", "EosPolicy", "RepetitionGuard", "SuppressTokens",
     "PROPOSERS", "SCORERS", "WINDOWS", "SELECTORS", "REMASKERS", "PROCESSORS", "resolve_policy",
            "resolve_processor",
-    "parse_spans", "spans_to_ids", "DEFAULT_MASK_SLOTS",
+    "parse_spans", "spans_to_ids", "flexible_slots", "DEFAULT_MASK_SLOTS",
     "Trajectory", "TrajectoryStep", "render_trajectory_html", "render_trajectory_text",
     "repeated_ngram_rate", "longest_run", "repetition_summary",
 ]

@@ -33,6 +33,8 @@ class StepContext:
         q_rows, q_pos: ``[N]`` row and position of each queried slot.
         generators: one ``torch.Generator`` per active row, on the logits device, seeded from
             ``(seed, global row index)`` so a row's draws never depend on its batch neighbours.
+        flexible: ``[b, w]`` hole slots that may stay empty (pad) in ``infill``'s variable-length holes;
+            None outside ``infill``.
     """
 
     ids: torch.Tensor
@@ -50,6 +52,7 @@ class StepContext:
     ids_cpu: torch.Tensor
     region_cpu: torch.Tensor
     known_cpu: torch.Tensor
+    flexible: Optional[torch.Tensor] = None
     _distance: Optional[torch.Tensor] = field(default=None, repr=False)
 
     @property

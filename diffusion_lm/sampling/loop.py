@@ -37,6 +37,7 @@ from ..seeding import Seed, row_seed, row_seeds
 from .config import SamplerConfig
 from .guidance import guided
 from .policies import NoRemasker
+from .processors import HoleContent
 from .step import Canvas, GenerationStats, RowStats, advance_row, decide, forward, rows_of
 from .trajectory import Trajectory
 
@@ -194,12 +195,15 @@ def infill(
     device: Union[None, str, torch.device] = None,
     eos_policy: bool = False,
     on_step: Optional[StepHook] = None,
+    flexible: Optional[Sequence[Sequence[bool]]] = None,
 ) -> GenerationResult:
     """Fill the ``mask_id`` slots of each row, leaving every other token untouched.
 
-    No canvas is appended and no row is cut: ``result.ids[i]`` is row ``i`` with its holes filled
-    (it may contain EOS/pad inside a hole if the model chose them; decode with special tokens
-    skipped). The EOS policy (which assumes an answer growing after a prompt) is off unless
+    No canvas is appended and no row is cut: ``result.ids[i]`` is row ``i`` with its holes filled.
+    A hole slot takes a text token: EOS is never placed in a hole and pad only where ``flexible[i][p]``
+    is true (a slot of a variable-length hole, which pad shortens; drop pad when decoding so the text
+    closes up). ``flexible`` is per row and position like ``ids``; None: every hole has a fixed size.
+    The EOS policy (which assumes an answer growing after a prompt) is off unless
     ``eos_policy=True``; a committed EOS never stops an infill row. Other arguments (per-row ``seed``
     lists and the ``on_step`` hook included; a row without holes is never reported) as in :func:`generate`.
     Build rows from text with :func:`diffusion_lm.sampling.spans_to_ids`.
@@ -210,6 +214,8 @@ def infill(
         if max_length is not None and len(row) > max_length:
             raise ConfigError(f"row {i} has {len(row)} tokens, longer than max_length {max_length}; "
                               "shorten the text or use fewer mask slots")
+        if flexible is not None and (i >= len(flexible) or len(flexible[i]) != len(row)):
+            raise ConfigError(f"flexible[{i}] must give one flag per position of row {i} ({len(row)})")
     config = SamplerConfig.coerce(sampler)
     editable = [[t == mask_id for t in row] for row in rows]
     region = [[True] * len(row) for row in rows]
@@ -217,7 +223,7 @@ def infill(
         denoiser, rows, editable, region, [0] * len(rows), config,
         mask_id=mask_id, eos_id=eos_id, pad_id=pad_id, stop_on_eos=False, eos_policy=eos_policy,
         seed=seed, return_trajectory=return_trajectory, max_batch_size=max_batch_size, device=device,
-        on_step=on_step,
+        on_step=on_step, holes=[[bool(f) for f in row] for row in flexible] if flexible is not None else [],
     )
     result.ids = [list(seq) for seq in result.sequences]
     return result
@@ -242,10 +248,15 @@ def _decode(
     max_batch_size: Optional[int],
     device: Union[None, str, torch.device],
     on_step: Optional[StepHook],
+    holes: Optional[list[list[bool]]] = None,
 ) -> GenerationResult:
+    """Decode ``rows``; ``holes`` (infill only: [] or per-row flexible flags) adds :class:`HoleContent`."""
     seed, seeds = row_seeds(seed, len(rows))
     dev = _infer_device(denoiser, device)
     processors = config.logits_processors(eos_policy=eos_policy)
+    if holes is not None:
+        processors = [HoleContent()] + processors
+    flexible_rows = holes or None
     n = len(rows)
     size = max_batch_size or n
     sequences: list[list[int]] = [[] for _ in range(n)]
@@ -261,8 +272,7 @@ def _decode(
             denoiser, chunk, rows, editable, region, config, processors, sequences, row_stats, trajectories,
                       total,
             mask_id=mask_id, eos_id=eos_id, pad_id=pad_id, stop_on_eos=stop_on_eos, row_seeds=seeds,
-                      device=dev,
-            on_step=on_step,
+            device=dev, on_step=on_step, flexible_rows=flexible_rows,
         )
     total.seconds = time.perf_counter() - t_call
     total.tokens = sum(s.tokens for s in row_stats)
@@ -292,10 +302,11 @@ def _decode_chunk(
     row_seeds: list[int],
     device: torch.device,
     on_step: Optional[StepHook],
+    flexible_rows: Optional[list[list[bool]]] = None,
 ) -> None:
     """Decode the rows ``chunk`` together until every row is done (see :mod:`~diffusion_lm.sampling.step`)."""
     canvas = Canvas.build(chunk, rows, editable_rows, region_rows, row_stats, config.remasker,
-                          mask_id=mask_id, pad_id=pad_id)
+                          mask_id=mask_id, pad_id=pad_id, flexible_rows=flexible_rows)
     needs_confidence = not isinstance(config.remasker, NoRemasker)
     active = canvas.pending()
     max_forwards = canvas.max_forwards()

@@ -21,6 +21,7 @@ __all__ = [
     "EosPolicy",
     "RepetitionGuard",
     "SuppressTokens",
+    "HoleContent",
     "PROCESSORS",
     "resolve_processor",
 ]
@@ -75,6 +76,30 @@ class SuppressTokens(LogitsProcessor):
                     f"{logits.shape[-1]})"
                 )
             logits[:, torch.tensor(self.token_ids, device=logits.device)] = float("-inf")
+        return logits
+
+
+class HoleContent(LogitsProcessor):
+    """Infill holes take text, not an ending: EOS is never proposed inside a hole, and pad only in the
+    slots of a variable-length hole (``ctx.flexible``), where it means "no token here" and the text
+    closes up around it.
+
+    Without it a small model fills a fixed hole with end/pad tokens (they are its most confident
+    predictions wherever the context looks finished) and the hole comes back empty. ``infill`` adds it
+    to every call; it has no registry name because it reads the hole layout of the call.
+    """
+
+    name = "holes"
+
+    def __call__(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        if logits.shape[0] == 0:
+            return logits
+        if ctx.flexible is None:
+            logits[:, ctx.pad_id] = float("-inf")
+        else:
+            logits[~ctx.flexible[ctx.q_rows, ctx.q_pos], ctx.pad_id] = float("-inf")
+        if ctx.eos_id != ctx.pad_id:  # aliased (dLLM's ModernBERT setup): the pad rule above decides
+            logits[:, ctx.eos_id] = float("-inf")
         return logits
 
 

@@ -4,7 +4,9 @@
 
 * ``[[MASK]]`` -- a hole of ``default_slots`` [MASK] tokens (8 unless told otherwise);
 * ``[[MASK:n]]`` -- a hole of exactly ``n`` tokens, ``n`` a positive integer (spaces allowed: ``[[ MASK : 4
-  ]]``);
+  ]]``); the sampler fills every slot with text (never an end or pad token);
+* ``[[MASK:<=n]]`` -- a variable-length hole of at most ``n`` tokens: slots the model leaves empty
+  (pad) are dropped and the text closes up around the fill;
 * every other character is literal text. ``[[`` always opens a span, so text cannot contain a
   literal ``[[`` (a lone ``]]`` is fine).
 
@@ -18,17 +20,18 @@ from __future__ import annotations
 import re
 from typing import Callable, Sequence, Union
 
-__all__ = ["Span", "parse_spans", "spans_to_ids", "DEFAULT_MASK_SLOTS"]
+__all__ = ["Span", "parse_spans", "spans_to_ids", "flexible_slots", "DEFAULT_MASK_SLOTS"]
 
 DEFAULT_MASK_SLOTS = 8
 
-Span = tuple[str, Union[str, int]]  # ("text", "some text") or ("mask", n_slots)
+Span = tuple[str, Union[str, int]]  # ("text", "some text"), ("mask", n_slots) or ("flex", max_slots)
 
-_BODY = re.compile(r"^\s*MASK\s*(?::\s*(?P<n>[^\s]*)\s*)?$", re.IGNORECASE)
+_BODY = re.compile(r"^\s*MASK\s*(?::\s*(?P<le><=)?\s*(?P<n>[^\s]*)\s*)?$", re.IGNORECASE)
 
 
 def parse_spans(text: str, default_slots: int = DEFAULT_MASK_SLOTS) -> list[Span]:
-    """Split ``text`` into ``("text", str)`` and ``("mask", n)`` pieces, in order (empty text pieces dropped).
+    """Split ``text`` into ``("text", str)``, ``("mask", n)`` (fixed size) and ``("flex", n)`` (at most
+    ``n`` tokens) pieces, in order (empty text pieces dropped).
 
     Raises:
         ValueError: an unclosed ``[[``, an unknown span (``[[FOO]]``), or a slot count that is not a
@@ -58,19 +61,19 @@ def parse_spans(text: str, default_slots: int = DEFAULT_MASK_SLOTS) -> list[Span
                              f"{start + 2 + body.index('[[')} before ']]'")
         match = _BODY.match(body)
         if match is None:
-            raise ValueError(f"unknown span '[[{body}]]' at position {start}; only [[MASK]] and [[MASK:n]] "
-                             "are supported")
+            raise ValueError(f"unknown span '[[{body}]]' at position {start}; only [[MASK]], [[MASK:n]] and "
+                             "[[MASK:<=n]] are supported")
         count = match.group("n")
         if count is None:
             n = default_slots
         elif re.fullmatch(r"[0-9]+", count) is None or int(count) < 1:
             raise ValueError(
                 f"invalid slot count {count!r} in '[[{body}]]' at position {start}: "
-                "expected a positive integer, e.g. [[MASK:8]]"
+                "expected a positive integer, e.g. [[MASK:8]] or [[MASK:<=8]]"
             )
         else:
             n = int(count)
-        spans.append(("mask", n))
+        spans.append(("flex" if match.group("le") else "mask", n))
         i = end + 2
 
 
@@ -81,7 +84,8 @@ def spans_to_ids(
     default_slots: int = DEFAULT_MASK_SLOTS,
 ) -> list[int]:
     """Token ids for :func:`diffusion_lm.sampling.infill`: text pieces tokenized by ``tokenize`` (which
-    should add no special tokens), each hole replaced by its number of ``mask_id`` slots.
+    should add no special tokens), each hole replaced by its number of ``mask_id`` slots (a ``flex``
+    hole by its maximum; pass :func:`flexible_slots` as ``infill``'s ``flexible``).
 
     ``spans`` is the text itself (parsed with :func:`parse_spans`) or its parsed spans.
     """
@@ -91,8 +95,19 @@ def spans_to_ids(
     for kind, value in spans:
         if kind == "text":
             ids.extend(int(t) for t in tokenize(str(value)))
-        elif kind == "mask":
+        elif kind in ("mask", "flex"):
             ids.extend([mask_id] * int(value))
         else:
-            raise ValueError(f"unknown span kind {kind!r}; expected 'text' or 'mask'")
+            raise ValueError(f"unknown span kind {kind!r}; expected 'text', 'mask' or 'flex'")
     return ids
+
+
+def flexible_slots(spans: Sequence[Span], tokenize: Callable[[str], list[int]]) -> list[bool]:
+    """Per position of :func:`spans_to_ids`' row: whether it is a slot of a variable-length hole."""
+    out: list[bool] = []
+    for kind, value in spans:
+        if kind == "text":
+            out.extend([False] * len(tokenize(str(value))))
+        else:
+            out.extend([kind == "flex"] * int(value))
+    return out

@@ -111,12 +111,14 @@ class Canvas:
     states: list[RowState]
     generators: list[Optional[torch.Generator]]
     t0: float
+    flexible: Optional[torch.Tensor] = None
 
     @classmethod
     def build(cls, chunk: list[int], rows: list[list[int]], editable_rows: list[list[bool]],
               region_rows: list[list[bool]], row_stats: list[RowStats], remasker: Remasker, *, mask_id: int,
-              pad_id: int) -> "Canvas":
-        """The canvas of rows ``chunk``; each row's stats object is shared with ``row_stats``."""
+              pad_id: int, flexible_rows: Optional[list[list[bool]]] = None) -> "Canvas":
+        """The canvas of rows ``chunk``; each row's stats object is shared with ``row_stats``.
+        ``flexible_rows`` marks the slots of variable-length infill holes (None: no such holes)."""
         t0 = time.perf_counter()
         b = len(chunk)
         lengths = [len(rows[g]) for g in chunk]
@@ -136,8 +138,13 @@ class Canvas:
                            remasker.start_row(int(editable[r].sum()))) for r in range(b)]
         for r, g in enumerate(chunk):
             states[r].stats = row_stats[g]
+        flexible = None
+        if flexible_rows is not None:
+            flexible = torch.zeros((b, width), dtype=torch.bool)
+            for r, g in enumerate(chunk):
+                flexible[r, : lengths[r]] = torch.tensor(flexible_rows[g], dtype=torch.bool)
         return cls(list(chunk), lengths, ids, attn, editable, region, editable.clone(),
-                   torch.zeros((b, width), dtype=torch.float32), states, [None] * b, t0)
+                   torch.zeros((b, width), dtype=torch.float32), states, [None] * b, t0, flexible)
 
     @property
     def width(self) -> int:
@@ -222,6 +229,7 @@ def forward(denoiser: Denoiser, canvas: Canvas, active: list[int], config: Sampl
         mask_id=mask_id, eos_id=eos_id, pad_id=pad_id,
                       generators=_generators(canvas, active, row_seeds, ldev),
         ids_cpu=s_ids, region_cpu=s_region, known_cpu=s_attn.bool() & ~s_masked,
+        flexible=None if canvas.flexible is None else canvas.flexible[sel, :w].to(ldev),
     )
     return Step(active, w, ctx, logits, in_window, window_ids.tolist(), counts, q_pos_cpu.tolist())
 
