@@ -30,10 +30,11 @@ def test_default_batching_learns_as_well_as_uniform_batches(tmp_path):
     files = write_synthetic_task(tmp_path / "task", max_number=400, held_out=0.1, seed=1, task="digits")
     files["cache"] = tmp_path / "cache"
     test = [json.loads(line) for line in files["test"].read_text(encoding="utf-8").splitlines()]
-    # The learning benchmark's settings (tools/bench_learning.py): both batchings learn the task in
-    # 200-300 steps (4 runs, docs/BENCHMARKS.md); 400 leave a margin.
+    # The learning benchmark's settings (tools/bench_learning.py): with either batching, 6 runs out of
+    # 6 (3 seeds) are at >= 91% by step 600, 5 of them at 100% (docs/BENCHMARKS.md). A machine with
+    # other float rounding follows another trajectory, so the bounds leave room for a slow one.
     args = argparse.Namespace(hidden=128, layers=2, heads=4, lr=2e-3, warmup=20, lr_schedule="cosine",
-                              canvas=8, max_length=32, batch_size=128, steps=400)
+                              canvas=8, max_length=32, batch_size=128, steps=600)
     threads = torch.get_num_threads()
     # a model this small runs no faster on more threads, and slower when they are shared
     torch.set_num_threads(1)
@@ -42,7 +43,7 @@ def test_default_batching_learns_as_well_as_uniform_batches(tmp_path):
         uniform = bench.run_mode("uniform", files, test, args, seed=0)
     finally:
         torch.set_num_threads(threads)
-    assert uniform["exact"] >= 0.9 * uniform["held_out"], uniform  # the budget suffices to learn the task
+    assert uniform["exact"] >= 0.85 * uniform["held_out"], uniform  # the budget suffices to learn the task
     assert default["exact"] >= uniform["exact"] - 0.05 * uniform["held_out"], (default["exact"],
                                                                                uniform["exact"])
     assert default["share_en_std"] < 0.25 * default["share_en_binomial_std"]  # every batch is the mix
