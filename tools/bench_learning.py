@@ -82,7 +82,7 @@ def _run(cmd: list[str], log: Path) -> float:
 
 def run(workdir: Path, steps: int, batch_size: int, seed: int) -> dict:
     """Fit and generate through the CLI in ``workdir``; the benchmark's figures."""
-    files = write_synthetic_task(workdir / "task", max_number=400, held_out=0.1, seed=1, task="digits")
+    files = write_synthetic_task(workdir / "task", max_number=400, held_out=0.1, seed=seed, task="digits")
     root = workdir / "run"
     config = workdir / "learning.yaml"
     config.write_text(CONFIG.format(seed=seed, tokenizer=files["tokenizer"], train_en=files["train_en"],

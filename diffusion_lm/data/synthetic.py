@@ -90,8 +90,19 @@ class SyntheticTask:
     test: list[dict]
 
 
+# The digits task ends every prompt with the four content tokens, so answer token j sits at one
+# fixed distance from prompt token j in all four kinds (one alignment to learn, not four); the
+# prefixes still differ in length by language and direction.
+DIGIT_KINDS = {
+    "en_words": ("en", "Spell in English: {digits}", True),
+    "ru_words": ("ru", "Напиши словами: {digits}", True),
+    "en_digits": ("en", "Digits: {words}", False),
+    "ru_digits": ("ru", "Запиши цифрами: {words}", False),
+}
+
+
 def _digits_dialog(digits: str, kind: str) -> dict:
-    language, prompt, to_words = KINDS[kind]
+    language, prompt, to_words = DIGIT_KINDS[kind]
     names = _EN_SMALL if language == "en" else _RU_SMALL
     words = " ".join(names[int(d)] for d in digits)
     user = prompt.format(digits=digits, words=words)
@@ -109,8 +120,8 @@ def synthetic_dialogs(max_number: int = 300, held_out: float = 0.1, seed: int = 
     needs the composition of tens and units words: a hard task that small models learn late.
     ``task="digits"``: ``max_number`` strings of ``max_digits`` digits spelled digit by digit (``0470``
     -> ``zero four seven zero``), a ``held_out`` share of them in ``test``: a per-position mapping at a
-    fixed offset, which small models learn in a few hundred steps; lengths still differ by language
-    and direction (the prompts' templates).
+    fixed offset (every prompt ends with the content), which small models learn in a few hundred
+    steps; lengths still differ by language and direction (the prompts' prefixes).
     ``train`` is shuffled.
     """
     rng = random.Random(seed)
@@ -120,8 +131,8 @@ def synthetic_dialogs(max_number: int = 300, held_out: float = 0.1, seed: int = 
             strings.add("".join(rng.choice("0123456789") for _ in range(max_digits)))
         candidates = sorted(strings)
         test_items = set(rng.sample(candidates, max(1, round(held_out * len(candidates)))))
-        train = [_digits_dialog(s, k) for s in sorted(strings) if s not in test_items for k in KINDS]
-        test = [_digits_dialog(s, k) for s in sorted(test_items) for k in KINDS]
+        train = [_digits_dialog(s, k) for s in sorted(strings) if s not in test_items for k in DIGIT_KINDS]
+        test = [_digits_dialog(s, k) for s in sorted(test_items) for k in DIGIT_KINDS]
     elif task == "numbers":
         if not 21 <= max_number <= 1000:
             raise ValueError(f"max_number must be in 21..1000, got {max_number}")
@@ -168,11 +179,11 @@ def synthetic_tokenizer(folder: str | Path, max_number: int = 1000) -> Path:
     texts = list(DEFAULT_ROLE_HEADERS.values())
     for text in texts:
         words.update(piece for piece, _ in pre.pre_tokenize_str(text))
-    for n in range(min(max_number, 1000)):
-        for kind in KINDS:
-            record = _dialog(n, kind)
-            for message in record["messages"]:
-                words.update(piece for piece, _ in pre.pre_tokenize_str(message["content"]))
+    records = [_dialog(n, kind) for n in range(min(max_number, 1000)) for kind in KINDS]
+    records += [_digits_dialog(str(d) * 4, kind) for d in range(10) for kind in DIGIT_KINDS]
+    for record in records:
+        for message in record["messages"]:
+            words.update(piece for piece, _ in pre.pre_tokenize_str(message["content"]))
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     vocab = {tok: i for i, tok in enumerate(specials + sorted(words))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
