@@ -96,6 +96,9 @@ class SamplerConfig:
         processors: logits processors, applied in order before proposing and ranking.
         suppress_tokens: token ids never proposed (applied before ``processors``).
         stop_on_eos: stop a row once EOS is committed (the rest of its canvas becomes pad).
+        vectorized: run the per-step work after the forward as tensor ops over all rows and slots
+            (:mod:`~diffusion_lm.sampling.fast`; same ids as the plain step) where the policies allow
+            it; False runs the plain per-row step (``step.py``) always.
     """
 
     proposer: Union[str, Proposer] = field(default_factory=_quality_proposer)
@@ -106,6 +109,7 @@ class SamplerConfig:
     processors: list[Union[str, LogitsProcessor]] = field(default_factory=_default_processors)
     suppress_tokens: list[int] = field(default_factory=list)
     stop_on_eos: bool = True
+    vectorized: bool = True
 
     def __post_init__(self) -> None:
         self.proposer = resolve_policy("proposer", self.proposer, PROPOSERS, Proposer)
@@ -142,6 +146,7 @@ class SamplerConfig:
             "processors": [p.to_dict() for p in self.processors],  # type: ignore[union-attr]
             "suppress_tokens": list(self.suppress_tokens),
             "stop_on_eos": self.stop_on_eos,
+            "vectorized": self.vectorized,
         }
 
     @classmethod

@@ -33,6 +33,8 @@ class StepContext:
         q_rows, q_pos: ``[N]`` row and position of each queried slot.
         generators: one ``torch.Generator`` per active row, on the logits device, seeded from
             ``(seed, global row index)`` so a row's draws never depend on its batch neighbours.
+        vectorized: the step is the vectorised one (:mod:`~diffusion_lm.sampling.fast`): processors
+            use their tensor implementations, and the ``*_cpu`` fields hold the device tensors.
     """
 
     ids: torch.Tensor
@@ -50,6 +52,7 @@ class StepContext:
     ids_cpu: torch.Tensor
     region_cpu: torch.Tensor
     known_cpu: torch.Tensor
+    vectorized: bool = False
     _distance: Optional[torch.Tensor] = field(default=None, repr=False)
 
     @property

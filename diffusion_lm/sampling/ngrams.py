@@ -1,0 +1,100 @@
+"""The repetition guard's n-gram rules as tensor ops (plain torch).
+
+:class:`~diffusion_lm.sampling.processors.RepetitionGuard` bans, at a masked slot, every token that
+would complete an n-gram already present in the answer, and every token that would make two n-grams
+through the slot equal ("x [x] x" for n = 2). Its reference implementation walks each slot's n-grams
+in Python dictionaries; these functions compute the same sets for all slots of all rows at once (the
+vectorised sampling step, :mod:`~diffusion_lm.sampling.fast`, uses them). Shapes: ``ids``/``usable``
+``[b, w]`` (usable = known answer text, not EOS or pad), one ``(rows, pos)`` pair per slot.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["ngram_allowed", "ngram_bans"]
+
+
+def _windows(ids: torch.Tensor, usable: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
+             n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Around each ``(row, pos)``: the ``2n - 1`` tokens centred on it, whether each is usable
+    context, and whether each lies inside the row."""
+    w = ids.shape[1]
+    span = pos[:, None] + torch.arange(-(n - 1), n, device=pos.device)[None, :]
+    inside = (span >= 0) & (span < w)
+    span = span.clamp(0, w - 1)
+    r = rows[:, None].expand_as(span)
+    return ids[r, span], usable[r, span] & inside, inside
+
+
+def _grams(tokens: torch.Tensor, usable: torch.Tensor, inside: torch.Tensor,
+           n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``n`` n-grams through the centre slot (offset ``j``: the slot is the gram's ``j``-th
+    token): ``[M, n(j), n(k)]`` tokens and ``[M, n]`` validity (the gram lies inside the row and its
+    other tokens are usable), as ``_grams_through`` in ``processors.py``."""
+    idx = (n - 1) - torch.arange(n, device=tokens.device)[:, None] + torch.arange(n, device=tokens.device)
+    toks, ok, ins = tokens[:, idx], usable[:, idx], inside[:, idx]  # [M, j, k]
+    centre = torch.eye(n, dtype=torch.bool, device=tokens.device)[None]
+    valid = ins.all(dim=2) & (ok | centre).all(dim=2)
+    return toks, valid
+
+
+def _existing(ids: torch.Tensor, usable: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every complete n-gram of every row: ``[b, G, n]`` tokens and ``[b, G]`` validity."""
+    grams = ids.unfold(1, n, 1)
+    return grams, usable.unfold(1, n, 1).all(dim=2)
+
+
+def _repeats(full: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``full [..., n(j), n(k)]`` grams through one slot with a token placed: whether two valid ones
+    are equal (``_repeats_itself``)."""
+    same = (full[..., :, None, :] == full[..., None, :, :]).all(dim=-1)  # [..., j1, j2]
+    n = full.shape[-2]
+    upper = torch.ones(n, n, dtype=torch.bool, device=full.device).triu(1)
+    pair = valid[..., :, None] & valid[..., None, :] & upper
+    return (same & pair).flatten(-2).any(dim=-1)
+
+
+def ngram_allowed(ids: torch.Tensor, usable: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
+                  tok: torch.Tensor, n: int, specials: tuple[int, int]) -> torch.Tensor:
+    """``[M]`` whether placing ``tok`` at ``(rows, pos)`` breaks neither n-gram rule of the repetition
+    guard given the state ``ids``/``usable`` ``[b, w]``: it completes no n-gram that already occurs,
+    and makes no two n-grams through the slot equal (EOS and pad are always allowed)."""
+    tokens, ok, inside = _windows(ids, usable, rows, pos, n)
+    toks, valid = _grams(tokens, ok, inside, n)
+    centre = torch.eye(n, dtype=torch.bool, device=ids.device)[None]
+    full = torch.where(centre, tok[:, None, None], toks)  # [M, j, k]
+    grams, gvalid = _existing(ids, usable, n)
+    g, gv = grams[rows], gvalid[rows]  # [M, G, n], [M, G]
+    exists = ((full[:, :, None, :] == g[:, None, :, :]).all(dim=3) & gv[:, None, :]).any(dim=2)
+    bad = (exists & valid).any(dim=1) | _repeats(full, valid)
+    special = (tok == specials[0]) | (tok == specials[1])
+    return ~bad | special
+
+
+def ngram_bans(ids: torch.Tensor, usable: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
+               n: int, vocab: int) -> torch.Tensor:
+    """``[M, vocab]`` tokens the repetition guard's n-gram rule bans at each ``(rows, pos)``: every
+    token that would complete an n-gram already in the row, and every token that would make two
+    n-grams through the slot equal (as ``RepetitionGuard._block_ngrams``)."""
+    m = rows.shape[0]
+    ban = torch.zeros(m, vocab, dtype=torch.bool, device=ids.device)
+    if m == 0 or ids.shape[1] < n:
+        return ban
+    tokens, ok, inside = _windows(ids, usable, rows, pos, n)
+    toks, valid = _grams(tokens, ok, inside, n)  # [M, j, k], [M, j]
+    grams, gvalid = _existing(ids, usable, n)
+    g, gv = grams[rows], gvalid[rows]  # [M, G, n]
+    centre = torch.eye(n, dtype=torch.bool, device=ids.device)  # [j, k]
+    # gram g completes (j, others) when it equals them everywhere but at the slot's offset j.
+    agree = (g[:, None, :, :] == toks[:, :, None, :]) | centre[None, :, None, :]  # [M, j, G, k]
+    match = agree.all(dim=3) & gv[:, None, :] & valid[:, :, None]  # [M, j, G]
+    q, j, gi = match.nonzero(as_tuple=True)
+    ban[q, g[q, gi, j]] = True
+    # Two grams through the slot made equal: the token must equal one of the window's other tokens.
+    cand = torch.cat([tokens[:, : n - 1], tokens[:, n:]], dim=1)  # [M, 2n-2]
+    full = torch.where(centre[None, None], cand[:, :, None, None], toks[:, None])  # [M, C, j, k]
+    rep = _repeats(full, valid[:, None, :].expand(-1, cand.shape[1], -1))  # [M, C]
+    qi, ci = rep.nonzero(as_tuple=True)
+    ban[qi, cand[qi, ci]] = True
+    return ban
