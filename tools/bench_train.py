@@ -293,6 +293,23 @@ def parse(argv=None):
     return args
 
 
+def _timed_round(variant: Variant, batches: list[dict], r: int, config, device: torch.device) -> dict:
+    """One optimizer step per batch; seconds, real tokens and model FLOPs of the round."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sync()
+    start = time.perf_counter()
+    masked = [variant.step(batch, i + r * len(batches)) for i, batch in enumerate(batches)]
+    sync()
+    entry = {"seconds": time.perf_counter() - start,
+             "real": sum(int((b["attention_mask"] > 0).sum()) for b in batches),
+             "flops": sum(model_flops(variant.model, b, m, config) for b, m in zip(batches, masked))}
+    if device.type == "cuda":
+        entry["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return entry
+
+
 def measure(args, device: torch.device) -> tuple[dict, dict, int]:
     """Interleaved, repeated rounds; per variant the median of each round's throughput."""
     variants = {name: Variant(name, args, device) for name in args.variants}
@@ -302,25 +319,19 @@ def measure(args, device: torch.device) -> tuple[dict, dict, int]:
     data = {name: [to_device(collate(b, name, args.multiple if name == "ours" else 1), device)
                    for b in batches] for name in variants}
     rounds: dict[str, list[dict]] = {name: [] for name in variants}
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    oom: set[str] = set()
     for r in range(args.warmup + args.repeats):
         for name, variant in variants.items():
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            flops = masked_total = real = 0.0
-            sync()
-            start = time.perf_counter()
-            for i, batch in enumerate(data[name]):
-                masked = variant.step(batch, i + r * len(batches))
-                masked_total += masked
-                real += int((batch["attention_mask"] > 0).sum())
-                flops += model_flops(variant.model, batch, masked, config)
-            sync()
-            seconds = time.perf_counter() - start
+            if name in oom:
+                continue
+            try:
+                entry = _timed_round(variant, data[name], r, config, device)
+            except torch.OutOfMemoryError:  # the naive path at a 256k vocabulary: a result, not a crash
+                oom.add(name)
+                variant.opt.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+                continue
             if r >= args.warmup:
-                entry = {"seconds": seconds, "real": real, "flops": flops}
-                if device.type == "cuda":
-                    entry["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
                 rounds[name].append(entry)
     shapes = {name: {"rows_per_batch": round(statistics.mean(b["input_ids"].shape[0] for b in data[name]), 2),
                      "row_width_mean": round(statistics.mean(b["input_ids"].shape[1] for b in data[name]), 1),
@@ -341,6 +352,9 @@ def report(argv=None) -> dict:
     rounds, shapes, params = measure(args, device)
     results = {}
     for name, rs in rounds.items():
+        if not rs:
+            results[name] = {"out_of_memory": True, **shapes[name]}
+            continue
         med = statistics.median(r["seconds"] for r in rs)
         tps = statistics.median(r["real"] / r["seconds"] for r in rs)
         mfu = statistics.median(r["flops"] / r["seconds"] / peak for r in rs)
@@ -372,7 +386,7 @@ def report(argv=None) -> dict:
                    else "peak RSS growth, one step, fresh process"),
         "results": results,
     }
-    if "ours" in results and "naive" in results:
+    if all(results.get(v, {}).get("real_tokens_per_s") for v in ("ours", "naive")):
         out["speedup_real_tokens_per_s"] = round(results["ours"]["real_tokens_per_s"]
                                                  / results["naive"]["real_tokens_per_s"], 2)
         mem_o, mem_n = results["ours"].get("peak_memory_mib"), results["naive"].get("peak_memory_mib")
