@@ -24,6 +24,7 @@ from diffusion_lm.sampling import (
 )
 from diffusion_lm.sampling.context import StepContext
 from diffusion_lm.sampling.fast import supports
+from diffusion_lm.sampling import ngrams
 from diffusion_lm.sampling.ngrams import ngram_allowed, ngram_bans
 from diffusion_lm.sampling.processors import _RepetitionChecker
 from tests.test_sampling import (
@@ -130,8 +131,11 @@ def _random_state(seed: int, b: int = 3, w: int = 14):
     return ids, ~masked & (ids != EOS) & (ids != PAD), masked
 
 
+@pytest.mark.parametrize("dense", [False, True])
 @pytest.mark.parametrize("n", [2, 3])
-def test_ngram_tensor_rules_equal_the_reference(n):
+def test_ngram_tensor_rules_equal_the_reference(n, dense, monkeypatch):
+    if dense:  # the fallback for codes that would not fit in int64 (long n-grams, huge vocabularies)
+        monkeypatch.setattr(ngrams, "_fits", lambda *args: False)
     for seed in range(12):
         ids, usable, masked = _random_state(seed)
         rows, pos = masked.nonzero(as_tuple=True)

@@ -118,6 +118,15 @@ def _choose(order: torch.Tensor, valid: torch.Tensor, pos: torch.Tensor, tok: to
         # can veto it; an exact count takes the best candidate the rule allows, a threshold the best.
         if not exact:
             return rank == 0
+        # The processors already banned what the n-gram rule forbids, so the best candidate almost
+        # always passes: check it first, and every candidate only when some row's best is vetoed.
+        top = rows[:, 0]
+        top_ok = torch.ones_like(valid[:, 0])
+        for guard in guards:
+            if guard.ngram_size >= 2:
+                top_ok &= ngram_allowed(ids, usable, top, pos[:, 0], tok[:, 0], guard.ngram_size, specials)
+        if bool(top_ok.all()):
+            return rank == 0
         allowed = valid.clone()
         for guard in guards:
             if guard.ngram_size >= 2:
@@ -178,7 +187,9 @@ def _processed(raw: torch.Tensor, processors: list, ctx: StepContext) -> torch.T
     for processor in processors:
         processed = processor(processed, ctx)
     dead = torch.isneginf(processed.max(dim=-1).values)
-    return torch.where(dead[:, None], raw, processed)  # a slot with every token banned keeps its own
+    if bool(dead.any()):  # a slot with every token banned keeps the model's own logits (rare)
+        processed[dead] = raw[dead]
+    return processed
 
 
 def decode_chunk_fast(
