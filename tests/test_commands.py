@@ -408,9 +408,13 @@ def test_bench_sample_smoke(ckpt, capsys):
     spec = importlib.util.spec_from_file_location("bench_sample", REPO / "tools" / "bench_sample.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    report = bench.main(["--model", ckpt, "--canvas", "6", "--repeats", "1", "--batch-sizes", "1", "3",
-                         "--variants", "naive", "fast"])
-    naive, fast = report["results"]["batch_3"]["naive"], report["results"]["batch_3"]["fast"]
+    report = bench.main(["--model", ckpt, "--prompt-tokens", "12", "--canvas", "6", "--repeats", "1",
+                         "--prompts", "2", "--batch-sizes", "1", "3", "--threads", "1",
+                         "--variants", "naive", "fast", "greedy-plain", "gpt2"])
+    block = report["results"]["batch_3"]
+    naive, fast, gpt2 = block["naive"], block["fast"], block["gpt2"]
     assert naive["forwards_per_answer"] == 6 and naive["tokens_per_forward"] == 1.0
-    assert fast["forwards_per_answer"] <= 6 and fast["speedup_vs_naive"] > 0
+    assert 1 <= fast["forwards_per_answer"] <= 6 and fast["tokens_per_forward"] >= 1
+    assert gpt2["mean_answer_tokens"] == 6 and gpt2["speedup_vs_gpt2"] == 1.0
+    assert report["prompt_tokens"] == 12 and 0.5 < report["gpt2_parameters"] / report["parameters"] < 2
     assert json.loads(capsys.readouterr().out)["canvas_length"] == 6

@@ -102,6 +102,9 @@ class SamplerConfig:
         guidance: classifier-free guidance scale ``w`` (:mod:`~diffusion_lm.sampling.guidance`): the
             logits become ``cond + w * (cond - uncond)``, ``uncond`` from the same canvas with the prompt
             masked, both in one batched forward; 0 (default) is the unguided sampler exactly.
+        vectorized: run the per-step work after the forward as tensor ops over all rows and slots
+            (:mod:`~diffusion_lm.sampling.fast`; same ids as the plain step) where the policies allow
+            it; False runs the plain per-row step (``step.py``) always.
     """
 
     proposer: Union[str, Proposer] = field(default_factory=_quality_proposer)
@@ -113,6 +116,7 @@ class SamplerConfig:
     suppress_tokens: list[int] = field(default_factory=list)
     stop_on_eos: bool = True
     guidance: float = 0.0
+    vectorized: bool = True
 
     def __post_init__(self) -> None:
         check_options(guidance=self.guidance)
@@ -152,6 +156,7 @@ class SamplerConfig:
             "suppress_tokens": list(self.suppress_tokens),
             "stop_on_eos": self.stop_on_eos,
             "guidance": self.guidance,
+            "vectorized": self.vectorized,
         }
 
     @classmethod

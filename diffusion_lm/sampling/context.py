@@ -35,6 +35,8 @@ class StepContext:
             ``(seed, global row index)`` so a row's draws never depend on its batch neighbours.
         flexible: ``[b, w]`` hole slots that may stay empty (pad) in ``infill``'s variable-length holes;
             None outside ``infill``.
+        vectorized: the step is the vectorised one (:mod:`~diffusion_lm.sampling.fast`): processors
+            use their tensor implementations, and the ``*_cpu`` fields hold the device tensors.
     """
 
     ids: torch.Tensor
@@ -53,6 +55,7 @@ class StepContext:
     region_cpu: torch.Tensor
     known_cpu: torch.Tensor
     flexible: Optional[torch.Tensor] = None
+    vectorized: bool = False
     _distance: Optional[torch.Tensor] = field(default=None, repr=False)
 
     @property

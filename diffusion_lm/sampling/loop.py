@@ -35,6 +35,7 @@ from ..denoiser import Denoiser
 from ..errors import ConfigError
 from ..seeding import Seed, row_seed, row_seeds
 from .config import SamplerConfig
+from .fast import decode_chunk_fast, supports
 from .guidance import guided
 from .policies import NoRemasker
 from .processors import HoleContent
@@ -265,14 +266,15 @@ def _decode(
     if return_trajectory:
         trajectories = [Trajectory(list(r), s, mask_id) for r, s in zip(rows, starts)]
     total = GenerationStats()
+    # The vectorised step has no guidance branch and no variable-length holes: those run the plain step.
+    fast = supports(config, processors, return_trajectory) and not config.guidance and flexible_rows is None
     t_call = time.perf_counter()
     for lo in range(0, n, size):
         chunk = list(range(lo, min(n, lo + size)))
         _decode_chunk(
             denoiser, chunk, rows, editable, region, config, processors, sequences, row_stats, trajectories,
-                      total,
-            mask_id=mask_id, eos_id=eos_id, pad_id=pad_id, stop_on_eos=stop_on_eos, row_seeds=seeds,
-            device=dev, on_step=on_step, flexible_rows=flexible_rows,
+            total, mask_id=mask_id, eos_id=eos_id, pad_id=pad_id, stop_on_eos=stop_on_eos, row_seeds=seeds,
+            device=dev, on_step=on_step, flexible_rows=flexible_rows, fast=fast,
         )
     total.seconds = time.perf_counter() - t_call
     total.tokens = sum(s.tokens for s in row_stats)
@@ -303,10 +305,19 @@ def _decode_chunk(
     device: torch.device,
     on_step: Optional[StepHook],
     flexible_rows: Optional[list[list[bool]]] = None,
+    fast: bool = False,
 ) -> None:
-    """Decode the rows ``chunk`` together until every row is done (see :mod:`~diffusion_lm.sampling.step`)."""
+    """Decode the rows ``chunk`` together until every row is done (see :mod:`~diffusion_lm.sampling.step`;
+    ``fast``: the vectorised step of :mod:`~diffusion_lm.sampling.fast`)."""
     canvas = Canvas.build(chunk, rows, editable_rows, region_rows, row_stats, config.remasker,
                           mask_id=mask_id, pad_id=pad_id, flexible_rows=flexible_rows)
+    if fast:
+        decode_chunk_fast(denoiser, chunk, canvas, config, processors, row_stats, total, mask_id=mask_id,
+                          eos_id=eos_id, pad_id=pad_id, stop_on_eos=stop_on_eos, row_seeds=row_seeds,
+                          device=device, on_step=on_step)
+        for r, g in enumerate(chunk):
+            sequences[g] = canvas.row_ids(r)
+        return
     needs_confidence = not isinstance(config.remasker, NoRemasker)
     active = canvas.pending()
     max_forwards = canvas.max_forwards()

@@ -13,6 +13,7 @@ import torch
 
 from ..errors import ConfigError
 from .context import StepContext
+from .ngrams import ngram_bans
 from .policies import Policy
 
 __all__ = [
@@ -229,6 +230,11 @@ class RepetitionGuard(LogitsProcessor):
 
     def _block_ngrams(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         n = self.ngram_size
+        if ctx.vectorized:
+            ids = ctx.ids_cpu
+            usable = ctx.known_cpu & ctx.region_cpu & (ids != ctx.eos_id) & (ids != ctx.pad_id)
+            ban = ngram_bans(ctx.ids_cpu, usable, ctx.q_rows, ctx.q_pos, n, logits.shape[-1])
+            return logits.masked_fill_(ban.to(logits.device), float("-inf"))
         ids_cpu = ctx.ids_cpu
         usable = (ctx.known_cpu & ctx.region_cpu & (ids_cpu != ctx.eos_id) & (ids_cpu != ctx.pad_id)).tolist()
         ids = ctx.ids_cpu.tolist()
