@@ -18,6 +18,13 @@ uniformly drawn batches, the reference a learning-neutral default must match).
 
     python tools/bench_batching.py                       # all modes, the benchmark's defaults
     python tools/bench_batching.py --modes packed uniform --steps 300 --max-number 100   # quick
+    python tools/bench_batching.py --layout 20000     # rows only: the recipes' chat lengths, no training
+
+``--layout N`` trains nothing: it writes ``tools/bench_data.py``'s synthetic chat corpus (N dialogs in
+the Tulu / GrandMaster schemas, realistic answer lengths), prepares it with the recipes' data
+settings (``max_length`` 512, sampled canvas of 256, equal EN/RU weights) and reports each mode's
+padding share and per-batch language shares over up to 500 training batches: what packing saves
+on real length spreads, where the synthetic task's near-uniform lengths leave little to pack.
 
 Prints one JSON object: the settings and one entry per mode (seeds are run in the order given and
 their figures averaged; the held-out count is per seed).
@@ -139,6 +146,32 @@ def run_mode(mode: str, files: dict, test: list[dict], args, seed: int) -> dict:
     }
 
 
+def layout_statistics(dialogs: int, modes: list[str], batch_size: int, workdir: Path) -> dict:
+    """Padding and language shares of each batching mode on the recipe-shaped chat corpus."""
+    import importlib.util
+    import itertools
+
+    spec = importlib.util.spec_from_file_location("bench_data", Path(__file__).with_name("bench_data.py"))
+    bench_data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_data)
+    from diffusion_lm.backbone import DEMO_TOKENIZER
+
+    paths = bench_data.write_corpus(workdir / "corpus", dialogs)
+    out = {}
+    for mode in modes:
+        data = DialogDataModule(
+            [DataSource(str(paths["tulu-3-sft-mixture"]), language="en", weight=0.5, val_size=0),
+             DataSource(str(paths["GrandMaster-PRO-MAX"]), language="ru", weight=0.5, val_size=0)],
+            tokenizer=DEMO_TOKENIZER, batch_size=batch_size, max_length=512,
+            canvas=CanvasPolicy(mode="sampled", length=256, filler_weight=0.5), train_turns="all",
+            cache_dir=str(workdir / "cache"), **MODES[mode],
+        )
+        data.setup("fit")
+        out[mode] = batch_statistics(itertools.islice(data.train_dataloader(), 500), ["en", "ru"])
+        print(f"{mode}: padding {out[mode]['padding_share']:.3f}", file=sys.stderr, flush=True)
+    return out
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -158,12 +191,20 @@ def main(argv=None) -> dict:
     parser.add_argument("--canvas", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--layout", type=int, default=None, metavar="DIALOGS",
+                        help="no training: padding and language shares on a chat corpus of this many dialogs")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     results: dict = {"settings": vars(args), "modes": {}}
+    if args.layout:
+        with tempfile.TemporaryDirectory() as tmp:
+            results["modes"] = layout_statistics(args.layout, args.modes, args.batch_size, Path(tmp))
+        json.dump(results, sys.stdout, indent=2)
+        print()
+        return results
     with tempfile.TemporaryDirectory() as tmp:
         runs: dict[str, list[dict]] = {m: [] for m in args.modes}
         for seed in args.seeds:
