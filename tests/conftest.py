@@ -23,6 +23,16 @@ def _deterministic():
     yield
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-model tests: more threads only add contention on a
+    busy 2-core machine (several times slower there)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_backbone() -> ScratchBackbone:
     return ScratchBackbone(**TINY)

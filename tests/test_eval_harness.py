@@ -22,12 +22,7 @@ from .conftest import REPO, TINY, write_jsonl
 MASK, V = 0, 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ContextToy:

@@ -38,12 +38,7 @@ EDIT = [{"id": "e", "language": "en", "text": "The movie was really bad, honestl
          "reference": "quite dull"}]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,12 +22,7 @@ from .families import FAMILY_NAMES, make_family
 LORA = {"method": "lora", "r": 4, "alpha": 8.0, "dropout": 0.0}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -40,13 +40,7 @@ V = 40
 SPECIAL = dict(mask_id=MASK, eos_id=EOS, pad_id=PAD)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Toy tensors are tiny: intra-op threads only add contention on a busy 2-core machine (~6x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------- toy denoisers

@@ -41,12 +41,7 @@ from tests.test_sampling import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 PROMPTS = [prompt(7, 8), prompt(9, 10, 11, 12, 13, 14), prompt(15), prompt(16, 17, 18, 19), prompt(6, 6)]

@@ -17,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-import torch
 
 from diffusion_lm.backbone import ScratchBackbone
 from diffusion_lm.cli import main
@@ -33,12 +32,7 @@ openai = pytest.importorskip("openai", reason="the openai client is a test extra
 CHAT = "/v1/chat/completions"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def user(text: str) -> list[dict]:

@@ -53,7 +53,7 @@ from .policies import (
 )
 from .ngrams import ngram_allowed
 from .processors import EosPolicy, RepetitionGuard, SuppressTokens
-from .step import Canvas, GenerationStats, RowStats, _ranking_logits
+from .step import Canvas, GenerationStats, RowStats, _ranking_logits, apply_processors
 
 __all__ = ["decode_chunk_fast", "supports"]
 
@@ -180,18 +180,6 @@ def _choose_sequential(rank: torch.Tensor, valid: torch.Tensor, pos: torch.Tenso
 
 
 # -------------------------------------------------------------------------------------------- the loop
-def _processed(raw: torch.Tensor, processors: list, ctx: StepContext) -> torch.Tensor:
-    if not processors:
-        return raw
-    processed = raw.clone()
-    for processor in processors:
-        processed = processor(processed, ctx)
-    dead = torch.isneginf(processed.max(dim=-1).values)
-    if bool(dead.any()):  # a slot with every token banned keeps the model's own logits (rare)
-        processed[dead] = raw[dead]
-    return processed
-
-
 def decode_chunk_fast(
     denoiser: Denoiser,
     chunk: list[int],
@@ -258,7 +246,7 @@ def decode_chunk_fast(
                           pad_id=pad_id, generators=gens, ids_cpu=s_ids, region_cpu=s_region, known_cpu=known,
                           vectorized=True)
         raw = logits.float()
-        proposals = config.proposer(_processed(raw, processors, ctx), ctx)
+        proposals = config.proposer(apply_processors(raw, processors, ctx), ctx)
         scores = config.scorer(_ranking_logits(raw, eos_id, pad_id), proposals, ctx)
 
         # Candidates as a [rows, slots] table in query order, ranked by a stable sort (ties: left first).

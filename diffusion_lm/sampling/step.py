@@ -234,7 +234,7 @@ def forward(denoiser: Denoiser, canvas: Canvas, active: list[int], config: Sampl
     return Step(active, w, ctx, logits, in_window, window_ids.tolist(), counts, q_pos_cpu.tolist())
 
 
-def _processed(raw: torch.Tensor, processors: list, ctx: StepContext) -> torch.Tensor:
+def apply_processors(raw: torch.Tensor, processors: list, ctx: StepContext) -> torch.Tensor:
     """The logits after the processors; a slot where every token is banned keeps the model's own."""
     if not processors:
         return raw
@@ -263,7 +263,7 @@ def decide(step: Step, config: SamplerConfig, processors: list, needs_confidence
     """Propose a token for every queried slot and score it."""
     ctx = step.ctx
     raw = step.logits.float()
-    processed = _processed(raw, processors, ctx)
+    processed = apply_processors(raw, processors, ctx)
     proposals = config.proposer(processed, ctx)
     scores = config.scorer(_ranking_logits(raw, ctx.eos_id, ctx.pad_id), proposals, ctx)
     probs = None
