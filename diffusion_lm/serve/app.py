@@ -19,7 +19,7 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Callable, Optional
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
@@ -238,18 +238,14 @@ def create_app(
             "usage": _usage(result), "diffusion": diffusion_info(result),
         })
 
-    async def chat_events(job: Job, task: ChatTask, info: dict, usage: bool) -> AsyncIterator[str]:
-        def chunk(delta: dict, state: Optional[dict], finish: Optional[str] = None, **extra) -> str:
-            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-            body = {**info, "object": "chat.completion.chunk", "choices": [choice], **extra}
-            if state is not None:
-                body["diffusion"] = state
-            return _sse(body)
-
+    async def job_events(job: Job, first: str, on_step: Callable[[int, Any], str],
+                         on_done: Callable[[Any], list[str]]) -> AsyncIterator[str]:
+        """The server-sent events of one streamed request: ``first``, one event per sampler step,
+        the final events of the result (or one error event), then ``[DONE]``; keep-alive comments
+        while the request waits. A client that leaves cancels the request."""
         finished = False
         try:
-            yield chunk({"role": "assistant", "content": ""},
-                        {"step": 0, **engine.initial_state(task), "done": False})
+            yield first
             while True:
                 event = await next_event(job)
                 if event is None:
@@ -257,29 +253,45 @@ def create_app(
                     continue
                 kind, value = event
                 if kind == "step":
-                    step, ids = value
-                    yield chunk({}, {"step": step, **engine.chat_state(task, ids), "done": False})
-                elif kind == "done":
-                    finished = True
-                    result: ChatResult = value
-                    state = {"step": result.stats["nfe"], "slots": result.slots, "state": result.answer,
-                             "masked": 0, "done": True, **diffusion_info(result)}
-                    yield chunk({"content": result.answer}, state)
-                    yield chunk({}, None, result.finish_reason)
-                    if usage:
-                        yield _sse({**info, "object": "chat.completion.chunk", "choices": [],
-                                    "usage": _usage(result)})
-                    break
+                    yield on_step(*value)
+                    continue
+                finished = True
+                if kind == "done":
+                    for text in on_done(value):
+                        yield text
                 else:
-                    finished = True
                     err = failure(value)
                     yield _sse({"error": {"message": err.message, "type": err.type, "param": err.param,
                                           "code": err.code}})
-                    break
+                break
             yield "data: [DONE]\n\n"
         finally:
             if not finished:  # the client left (or the server stops): drop or abort the request
                 scheduler.cancel(job)
+
+    def chat_events(job: Job, task: ChatTask, info: dict, usage: bool) -> AsyncIterator[str]:
+        def chunk(delta: dict, state: Optional[dict], finish: Optional[str] = None, **extra) -> str:
+            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            body = {**info, "object": "chat.completion.chunk", "choices": [choice], **extra}
+            if state is not None:
+                body["diffusion"] = state
+            return _sse(body)
+
+        def done(result: ChatResult) -> list[str]:
+            state = {"step": result.stats["nfe"], "slots": result.slots, "state": result.answer,
+                     "masked": 0, "done": True, **diffusion_info(result)}
+            events = [chunk({"content": result.answer}, state), chunk({}, None, result.finish_reason)]
+            if usage:
+                events.append(_sse({**info, "object": "chat.completion.chunk", "choices": [],
+                                    "usage": _usage(result)}))
+            return events
+
+        def step(number: int, ids: Any) -> str:
+            return chunk({}, {"step": number, **engine.chat_state(task, ids), "done": False})
+
+        first = chunk({"role": "assistant", "content": ""},
+                      {"step": 0, **engine.initial_state(task), "done": False})
+        return job_events(job, first, step, done)
 
     @app.post("/v1/infill", dependencies=[Depends(authorize)])
     async def infill(req: InfillRequest, request: Request) -> Response:
@@ -296,41 +308,20 @@ def create_app(
         return JSONResponse({**info, "object": "infill", "text": result.text, "fills": result.fills,
                              "usage": _usage(result), "diffusion": diffusion_info(result)})
 
-    async def infill_events(job: Job, task: InfillTask, info: dict) -> AsyncIterator[str]:
-        finished = False
-        try:
-            yield _sse({**info, "object": "infill.chunk",
-                        "diffusion": {"step": 0, **engine.initial_state(task),
-                                                                         "done": False}})
-            while True:
-                event = await next_event(job)
-                if event is None:
-                    yield ": waiting\n\n"
-                    continue
-                kind, value = event
-                if kind == "step":
-                    step, ids = value
-                    yield _sse({**info, "object": "infill.chunk",
-                                "diffusion": {"step": step, **engine.infill_state(task, ids), "done": False}})
-                elif kind == "done":
-                    finished = True
-                    result: InfillResult = value
-                    yield _sse({**info, "object": "infill.chunk", "text": result.text, "fills": result.fills,
-                                "usage": _usage(result),
-                                "diffusion": {"step": result.stats["nfe"], "holes": result.holes,
-                                              "state": result.text, "masked": 0, "done": True,
-                                              **diffusion_info(result)}})
-                    break
-                else:
-                    finished = True
-                    err = failure(value)
-                    yield _sse({"error": {"message": err.message, "type": err.type, "param": err.param,
-                                          "code": err.code}})
-                    break
-            yield "data: [DONE]\n\n"
-        finally:
-            if not finished:
-                scheduler.cancel(job)
+    def infill_events(job: Job, task: InfillTask, info: dict) -> AsyncIterator[str]:
+        def event(**body) -> str:
+            return _sse({**info, "object": "infill.chunk", **body})
+
+        def done(result: InfillResult) -> list[str]:
+            return [event(text=result.text, fills=result.fills, usage=_usage(result),
+                          diffusion={"step": result.stats["nfe"], "holes": result.holes, "state": result.text,
+                                     "masked": 0, "done": True, **diffusion_info(result)})]
+
+        def step(number: int, ids: Any) -> str:
+            return event(diffusion={"step": number, **engine.infill_state(task, ids), "done": False})
+
+        first = event(diffusion={"step": 0, **engine.initial_state(task), "done": False})
+        return job_events(job, first, step, done)
 
     return app
 
